@@ -1,0 +1,103 @@
+"""The ``"multimax"`` attention function that Transformers' ``AttentionInterface`` calls.
+
+It follows the standard backend signature ``(module, query, key, value, attention_mask, scaling, dropout, **kwargs)``
+and reads the layer's MultiMax parameters off ``module.multimax`` (a :class:`~hf_multimax.modules.SegLU`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["multimax_attention_forward", "get_modulator", "UNSUPPORTED_KWARGS"]
+
+#: Extras some models pass to attention backends that change the score function; MultiMax refuses them loudly
+#: rather than silently ignoring them (soft-capping: Gemma 2/3, attention sinks: GPT-OSS).
+UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+def get_modulator(module: nn.Module):
+    """Return the SegLU attached to an attention module, or explain how to get one."""
+    modulator = getattr(module, "multimax", None)
+    if modulator is None:
+        raise RuntimeError(
+            f"{type(module).__name__} has no MultiMax parameters. Select MultiMax through Transformers so that they are "
+            "created: `from_pretrained(..., attn_implementation=\"multimax\")`, `from_config(config, "
+            "attn_implementation=\"multimax\")` or `model.set_attn_implementation(\"multimax\")` (after `import "
+            "hf_multimax`), rather than setting `config._attn_implementation` by hand."
+        )
+    return modulator
+
+
+def check_extras(kwargs: dict) -> None:
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"MultiMax attention does not support `{name}` (passed by this model's attention layer); "
+                "use attn_implementation=\"eager\" or \"sdpa\" for this model."
+            )
+
+
+def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim), heads of one group adjacent."""
+    if n_rep == 1:
+        return hidden
+    b, h, s, d = hidden.shape
+    return hidden[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def resolve_causal(module: nn.Module, attention_mask: torch.Tensor | None, is_causal: bool | None, q_len: int) -> bool:
+    """Whether a causal mask must be built here: Transformers' ``sdpa_mask`` returns ``None`` for a purely causal
+    mask and leaves causality to the backend (as ``sdpa_attention_forward`` does), top-left aligned."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    return bool(attention_mask is None and is_causal and q_len > 1)
+
+
+def apply_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Mask float32 scores *after* σ: boolean masks (True = attend) fill with the dtype minimum, float masks add."""
+    if causal:
+        q_len, kv_len = scores.shape[-2:]
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    if attention_mask is None:
+        return scores
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask.to(scores.dtype)
+
+
+def multimax_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference MultiMax attention: ``softmax(σ(Q·Kᵀ·scale + position_bias) + mask) · V``.
+
+    σ sees the scaled scores plus any learned score bias (T5's ``position_bias``) and runs before the mask, because σ
+    of a dtype-minimum mask value overflows. σ and SoftMax run in float32, as Transformers' eager path does.
+    Returns ``(attn_output (batch, q, heads, dim), attn_weights (batch, heads, q, k))``.
+    """
+    check_extras(kwargs)
+    modulator = get_modulator(module)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    causal = resolve_causal(module, attention_mask, is_causal, query.shape[2])
+
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = scores.float()
+    if position_bias is not None:
+        scores = scores + position_bias.float()
+    scores = apply_mask(modulator(scores), attention_mask, causal)
+    weights = torch.softmax(scores, dim=-1).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights

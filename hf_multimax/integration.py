@@ -1,0 +1,280 @@
+"""Transformers glue: registers ``"multimax"`` and gives every model that selects it its MultiMax parameters.
+
+Everything that touches Transformers' classes happens here, once, in :func:`register` (called on ``import
+hf_multimax``):
+
+* ``AttentionInterface`` / ``AttentionMaskInterface``: the attention function and its mask function, under one name.
+* ``PreTrainedConfig``: validated properties for the ``multimax_*`` flags, so ``from_pretrained(..., multimax_order=3)``
+  lands on the config (Transformers otherwise hands unknown keyword arguments to the model's ``__init__``) and the
+  flags are written to ``config.json``.
+* ``PreTrainedModel.post_init`` and ``set_attn_implementation``: attach a :class:`SegLU` (``<attention>.multimax``) to
+  every attention module that dispatches through the interface, and to the output head when ``multimax_output``.
+  ``post_init`` runs inside ``from_pretrained``'s meta-device context, so the parameters are created there, loaded
+  like any other weight, and initialised only when the checkpoint lacks them.
+* ``PreTrainedModel._initialize_weights``: initialises ``SegLU`` modules (models' own ``_init_weights`` do not know
+  them); ``_adjust_missing_and_unexpected_keys``: refuses MultiMax parameters of the wrong shape and warns when a
+  checkpoint's MultiMax parameters would be dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import multimax_attention_forward
+from .config import FLAG_DEFAULTS, MultiMaxSettings, flag_property
+from .modules import SegLU
+from .training import patch_trainer_weight_decay
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MULTIMAX",
+    "MultiMaxWarning",
+    "register",
+    "attach_multimax",
+    "routes_through_interface",
+    "multimax_modules",
+    "output_head",
+]
+
+MULTIMAX = "multimax"
+#: Names of the attributes that may hold an attention module's number of (query) heads.
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+#: Attributes that hold a classification head on ``*ForSequenceClassification`` / ``*ForImageClassification``.
+CLASSIFIER_ATTRIBUTES = ("score", "classifier", "classification_head")
+MULTIMAX_KEY = re.compile(r"(^|\.)multimax_(ranges|ts)$")
+
+
+class MultiMaxWarning(UserWarning):
+    """MultiMax parameters or flags that would have no effect (e.g. a MultiMax checkpoint loaded without MultiMax)."""
+
+
+@functools.cache
+def routes_through_interface(cls: type) -> bool:
+    """Whether a module class dispatches its attention through ``ALL_ATTENTION_FUNCTIONS.get_interface``.
+
+    Transformers itself decides this from the source (``PreTrainedModel._can_set_attn_implementation``); we look at
+    the class and its bases so that inherited ``forward`` methods count. Models themselves never qualify.
+    """
+    if issubclass(cls, PreTrainedModel):
+        return False
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if "ALL_ATTENTION_FUNCTIONS.get_interface(" in source:
+            return True
+    return False
+
+
+def governed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, PreTrainedConfig]]:
+    """Yield ``(name, module, config)`` for every module, with the config that selects its attention: the module's
+    own ``config`` if it has one, else that of the nearest enclosing ``PreTrainedModel``."""
+    stack: list[tuple[str, nn.Module, PreTrainedConfig]] = [("", model, model.config)]
+    while stack:
+        name, module, config = stack.pop()
+        if isinstance(module, PreTrainedModel):
+            config = module.config
+        own = getattr(module, "config", None)
+        yield name, module, own if isinstance(own, PreTrainedConfig) else config
+        for child_name, child in reversed(list(module.named_children())):
+            stack.append((f"{name}.{child_name}" if name else child_name, child, config))
+
+
+def head_count(module: nn.Module, config: PreTrainedConfig) -> int:
+    for attribute in HEAD_COUNT_ATTRIBUTES:
+        value = getattr(module, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(config, "num_attention_heads", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    raise ValueError(
+        f"`multimax_per_head=True` needs the number of heads of {type(module).__name__}, which has none of the "
+        f"attributes {HEAD_COUNT_ATTRIBUTES} and whose config has no `num_attention_heads`; use multimax_per_head=False"
+    )
+
+
+def new_seglu(owner: nn.Module, settings: MultiMaxSettings, num_heads: int | None) -> SegLU:
+    """A SegLU on ``owner``'s device and dtype (the meta device inside ``from_pretrained``)."""
+    reference = next(owner.parameters(recurse=True), None)
+    device = reference.device if reference is not None else None
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+    return SegLU(settings.order, num_heads, settings.init, device=device, dtype=dtype)
+
+
+def output_head(model: PreTrainedModel) -> nn.Module | None:
+    """The module whose output is the model's logits: the LM head, or a classification head."""
+    if model.base_model is model:
+        return None
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Module):
+        return head
+    for attribute in CLASSIFIER_ATTRIBUTES:
+        head = getattr(model, attribute, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def modulate_logits(head: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an output head: logits -> σ(logits), computed in float32."""
+    return head.multimax(logits.float()).to(logits.dtype)
+
+
+def attach_output_multimax(model: PreTrainedModel, settings: MultiMaxSettings) -> bool:
+    head = output_head(model)
+    if head is None:
+        if model.base_model is not model:
+            raise ValueError(
+                f"`multimax_output=True` but {type(model).__name__} has no output head MultiMax knows "
+                f"(get_output_embeddings() or one of {CLASSIFIER_ATTRIBUTES}); allowed: causal-LM, seq2seq-LM, "
+                "sequence- and image-classification models"
+            )
+        return False
+    if getattr(head, "multimax", None) is None:
+        head.multimax = new_seglu(head, settings, None)
+    if getattr(head, "_multimax_hook", None) is None:
+        head._multimax_hook = head.register_forward_hook(modulate_logits)
+    return True
+
+
+def attach_multimax(model: PreTrainedModel) -> int:
+    """Give MultiMax parameters to every module of ``model`` that asks for them; return how many attention modules
+    use MultiMax. Idempotent: modules that already have their ``multimax`` child keep it."""
+    count = 0
+    for _, module, config in governed_modules(model):
+        if config._attn_implementation != MULTIMAX or not routes_through_interface(type(module)):
+            continue
+        settings = MultiMaxSettings.from_config(config)
+        settings.write_to(config)
+        if getattr(module, "multimax", None) is None:
+            heads = head_count(module, config) if settings.per_head else None
+            module.multimax = new_seglu(module, settings, heads)
+        count += 1
+    if model.config._attn_implementation == MULTIMAX and count == 0:
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through Transformers' AttentionInterface, so "
+            "attn_implementation=\"multimax\" cannot apply to it (it would silently run SoftMax). Supported models call "
+            "`ALL_ATTENTION_FUNCTIONS.get_interface(...)` in their attention layers (Llama, Qwen2, Mistral, Gemma, "
+            "GPT-2, BERT, ViT, T5, BART, Marian and most recent models)."
+        )
+    if model.config.multimax_output:
+        settings = MultiMaxSettings.from_config(model.config)
+        if attach_output_multimax(model, settings):
+            settings.write_to(model.config)
+    return count
+
+
+def multimax_modules(model: nn.Module) -> dict[str, SegLU]:
+    """Every SegLU in ``model`` by module name (attention layers and output head)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SegLU)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Patches of PreTrainedModel / PreTrainedConfig, installed once by `register()`.
+
+
+def patched_post_init(original):
+    @functools.wraps(original)
+    def post_init(self: PreTrainedModel) -> None:
+        attach_multimax(self)
+        original(self)
+
+    return post_init
+
+
+def patched_set_attn_implementation(original):
+    @functools.wraps(original)
+    def set_attn_implementation(self: PreTrainedModel, attn_implementation, *args, **kwargs):
+        result = original(self, attn_implementation, *args, **kwargs)
+        attach_multimax(self)
+        return result
+
+    return set_attn_implementation
+
+
+def patched_initialize_weights(original):
+    @functools.wraps(original)
+    def _initialize_weights(self: PreTrainedModel, module: nn.Module, *args, **kwargs):
+        if isinstance(module, SegLU):
+            if not getattr(module, "_is_hf_initialized", False):
+                module.reset_parameters()
+                module._is_hf_initialized = True
+            return None
+        return original(self, module, *args, **kwargs)
+
+    return _initialize_weights
+
+
+def patched_adjust_keys(original):
+    @functools.wraps(original)
+    def _adjust_missing_and_unexpected_keys(self: PreTrainedModel, loading_info) -> None:
+        check_loaded_multimax(self, loading_info)
+        return original(self, loading_info)
+
+    return _adjust_missing_and_unexpected_keys
+
+
+def check_loaded_multimax(model: PreTrainedModel, loading_info) -> None:
+    """Refuse checkpoint MultiMax parameters of the wrong shape; warn when checkpoint MultiMax parameters are dropped."""
+    mismatched = [entry for entry in loading_info.mismatched_keys if MULTIMAX_KEY.search(entry[0])]
+    if mismatched:
+        # Remove them so that Transformers' own report does not replace this error with a generic RuntimeError.
+        loading_info.mismatched_keys = set(loading_info.mismatched_keys) - set(mismatched)
+        key, checkpoint_shape, model_shape = sorted(mismatched)[0]
+        raise ValueError(
+            f"MultiMax parameter `{key}` has shape {tuple(checkpoint_shape)} in the checkpoint but the model expects "
+            f"{tuple(model_shape)}: the model was built with multimax_order={model.config.multimax_order!r} and "
+            f"multimax_per_head={model.config.multimax_per_head!r} (shape (2N,) or (num_heads, 2N)), which differ from "
+            "the checkpoint's; load it without overriding these flags"
+        )
+    dropped = sorted(key for key in loading_info.unexpected_keys if MULTIMAX_KEY.search(key))
+    if dropped:
+        warnings.warn(
+            f"The checkpoint holds {len(dropped)} MultiMax parameters (e.g. `{dropped[0]}`) that "
+            f"{type(model).__name__} does not use because it was loaded with "
+            f"attn_implementation={model.config._attn_implementation!r}. They are dropped: load it with "
+            "`import hf_multimax` and `from_pretrained(..., attn_implementation=\"multimax\")` to use them.",
+            MultiMaxWarning,
+            stacklevel=2,
+        )
+        logger.warning("MultiMax parameters in the checkpoint were dropped: %d keys, e.g. %s", len(dropped), dropped[0])
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register ``"multimax"`` with Transformers and install the hooks above. Safe to call more than once."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    AttentionInterface.register(MULTIMAX, multimax_attention_forward)
+    # `sdpa_mask` gives a boolean mask (True = attend), or None for purely causal / unmasked attention, which the
+    # attention function resolves from `module.is_causal`. Registered under the same name: an attention function
+    # without a mask function of its name silently gets `attention_mask=None`.
+    AttentionMaskInterface.register(MULTIMAX, sdpa_mask)
+    for name in FLAG_DEFAULTS:
+        setattr(PreTrainedConfig, name, flag_property(name))
+    PreTrainedModel.post_init = patched_post_init(PreTrainedModel.post_init)
+    PreTrainedModel.set_attn_implementation = patched_set_attn_implementation(PreTrainedModel.set_attn_implementation)
+    PreTrainedModel._initialize_weights = patched_initialize_weights(PreTrainedModel._initialize_weights)
+    PreTrainedModel._adjust_missing_and_unexpected_keys = patched_adjust_keys(
+        PreTrainedModel._adjust_missing_and_unexpected_keys
+    )
+    patch_trainer_weight_decay()
+    _REGISTERED = True
