@@ -1,4 +1,4 @@
-"""The ``"multimax"`` attention function that Transformers' ``AttentionInterface`` calls.
+"""MultiMax attention functions that Transformers' ``AttentionInterface`` calls.
 
 It follows the standard backend signature ``(module, query, key, value, attention_mask, scaling, dropout, **kwargs)``
 and reads the layer's MultiMax parameters off ``module.multimax`` (a :class:`~hf_multimax.modules.SegLU`).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["multimax_attention_forward", "get_modulator", "UNSUPPORTED_KWARGS"]
+__all__ = ["multimax_eager_attention_forward", "get_modulator", "UNSUPPORTED_KWARGS"]
 
 #: Extras some models pass to attention backends that change the score function; MultiMax refuses them loudly
 #: rather than silently ignoring them (soft-capping: Gemma 2/3, attention sinks: GPT-OSS).
@@ -66,7 +66,7 @@ def apply_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None, causal
     return scores + attention_mask.to(scores.dtype)
 
 
-def multimax_attention_forward(
+def multimax_eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -78,7 +78,7 @@ def multimax_attention_forward(
     position_bias: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference MultiMax attention: ``softmax(σ(Q·Kᵀ·scale + position_bias) + mask) · V``.
+    """Reference MultiMax attention (``"multimax_eager"``), the plain path every fast path is checked against: ``softmax(σ(Q·Kᵀ·scale + position_bias) + mask) · V``.
 
     σ sees the scaled scores plus any learned score bias (T5's ``position_bias``) and runs before the mask, because σ
     of a dtype-minimum mask value overflows. σ and SoftMax run in float32, as Transformers' eager path does.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import platform
 import sys
@@ -50,7 +52,18 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Modules that add commands with ``@command``; imported when the parser is built (each is optional until it exists).
+COMMAND_MODULES = ("hf_multimax.compare", "hf_multimax.hub", "hf_multimax.analysis")
+
+
+def load_commands() -> None:
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    load_commands()
     parser = argparse.ArgumentParser(
         prog="hf-multimax",
         description="MultiMax attention for Hugging Face Transformers (`import hf_multimax`, then "

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import multimax_attention_forward
+from .attention import multimax_eager_attention_forward
 from .config import FLAG_DEFAULTS, MultiMaxSettings, flag_property
 from .modules import SegLU
 from .training import patch_trainer_weight_decay
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MULTIMAX",
+    "MULTIMAX_IMPLEMENTATIONS",
     "MultiMaxWarning",
     "register",
     "attach_multimax",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 MULTIMAX = "multimax"
+#: Every attention implementation name that runs MultiMax and so needs MultiMax parameters: the default (fused when
+#: available) and the plain reference path (which also returns the attention weights).
+MULTIMAX_IMPLEMENTATIONS = {MULTIMAX: multimax_eager_attention_forward, "multimax_eager": multimax_eager_attention_forward}
 #: Names of the attributes that may hold an attention module's number of (query) heads.
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 #: Attributes that hold a classification head on ``*ForSequenceClassification`` / ``*ForImageClassification``.
@@ -157,7 +161,7 @@ def attach_multimax(model: PreTrainedModel) -> int:
     use MultiMax. Idempotent: modules that already have their ``multimax`` child keep it."""
     count = 0
     for _, module, config in governed_modules(model):
-        if config._attn_implementation != MULTIMAX or not routes_through_interface(type(module)):
+        if config._attn_implementation not in MULTIMAX_IMPLEMENTATIONS or not routes_through_interface(type(module)):
             continue
         settings = MultiMaxSettings.from_config(config)
         settings.write_to(config)
@@ -165,7 +169,7 @@ def attach_multimax(model: PreTrainedModel) -> int:
             heads = head_count(module, config) if settings.per_head else None
             module.multimax = new_seglu(module, settings, heads)
         count += 1
-    if model.config._attn_implementation == MULTIMAX and count == 0:
+    if model.config._attn_implementation in MULTIMAX_IMPLEMENTATIONS and count == 0:
         raise ValueError(
             f"{type(model).__name__} does not route its attention through Transformers' AttentionInterface, so "
             "attn_implementation=\"multimax\" cannot apply to it (it would silently run SoftMax). Supported models call "
@@ -263,11 +267,12 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    AttentionInterface.register(MULTIMAX, multimax_attention_forward)
-    # `sdpa_mask` gives a boolean mask (True = attend), or None for purely causal / unmasked attention, which the
-    # attention function resolves from `module.is_causal`. Registered under the same name: an attention function
-    # without a mask function of its name silently gets `attention_mask=None`.
-    AttentionMaskInterface.register(MULTIMAX, sdpa_mask)
+    for name, function in MULTIMAX_IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, function)
+        # `sdpa_mask` gives a boolean mask (True = attend), or None for purely causal / unmasked attention, which the
+        # attention function resolves from `module.is_causal`. Registered under the same name: an attention function
+        # without a mask function of its name silently gets `attention_mask=None`.
+        AttentionMaskInterface.register(name, sdpa_mask)
     for name in FLAG_DEFAULTS:
         setattr(PreTrainedConfig, name, flag_property(name))
     PreTrainedModel.post_init = patched_post_init(PreTrainedModel.post_init)
