@@ -23,7 +23,8 @@ import inspect
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,6 +44,8 @@ __all__ = [
     "MultiMaxWarning",
     "register",
     "attach_multimax",
+    "ParametricAttention",
+    "register_parametric_attention",
     "routes_through_interface",
     "multimax_modules",
     "output_head",
@@ -156,25 +159,72 @@ def attach_output_multimax(model: PreTrainedModel, settings: MultiMaxSettings) -
     return True
 
 
+@dataclass(frozen=True)
+class ParametricAttention:
+    """An attention implementation whose attention modules carry learnable parameters of their own.
+
+    Attributes:
+        attribute: name of the child module that holds them on each attention module (``"multimax"``).
+        build: ``build(attention_module, config) -> nn.Module`` creating that child on the attention module's device
+            and dtype (called inside ``from_pretrained``'s meta-device context too). Its class must be listed in
+            ``module_types`` and have ``reset_parameters()``, which ``from_pretrained`` calls when the checkpoint lacks
+            the parameters (use ``transformers.initialization`` helpers there: they skip loaded tensors).
+        module_types: classes of the children ``build`` returns.
+    """
+
+    attribute: str
+    build: Callable[[nn.Module, PreTrainedConfig], nn.Module]
+    module_types: tuple[type, ...]
+
+
+def build_attention_seglu(module: nn.Module, config: PreTrainedConfig) -> SegLU:
+    settings = MultiMaxSettings.from_config(config)
+    settings.write_to(config)  # recorded explicitly, so config.json reloads the same model
+    return new_seglu(module, settings, head_count(module, config) if settings.per_head else None)
+
+
+#: attention implementation name -> its parameters. Other modules add entries with `register_parametric_attention`.
+PARAMETRIC_ATTENTION: dict[str, ParametricAttention] = {
+    name: ParametricAttention("multimax", build_attention_seglu, (SegLU,)) for name in MULTIMAX_IMPLEMENTATIONS
+}
+
+
+def register_parametric_attention(
+    name: str,
+    function: Callable,
+    parameters: ParametricAttention | None = None,
+    mask_function: Callable = sdpa_mask,
+) -> None:
+    """Register an attention function and its mask function under ``name`` and, when it has learnable parameters,
+    attach them to attention modules of every model that selects it (as for ``"multimax"``)."""
+    AttentionInterface.register(name, function)
+    # Registered under the same name: an attention function without a mask function of its name silently gets
+    # `attention_mask=None`. `sdpa_mask` gives a boolean mask (True = attend), or None for purely causal / unmasked
+    # attention, which the attention function resolves from `module.is_causal`.
+    AttentionMaskInterface.register(name, mask_function)
+    if parameters is not None:
+        PARAMETRIC_ATTENTION[name] = parameters
+
+
 def attach_multimax(model: PreTrainedModel) -> int:
-    """Give MultiMax parameters to every module of ``model`` that asks for them; return how many attention modules
-    use MultiMax. Idempotent: modules that already have their ``multimax`` child keep it."""
+    """Give every attention module of ``model`` the parameters its attention implementation needs (MultiMax's SegLU,
+    or those of another registered parametric implementation), and the output head its SegLU when
+    ``multimax_output``. Return how many attention modules got or have parameters. Idempotent."""
     count = 0
     for _, module, config in governed_modules(model):
-        if config._attn_implementation not in MULTIMAX_IMPLEMENTATIONS or not routes_through_interface(type(module)):
+        spec = PARAMETRIC_ATTENTION.get(config._attn_implementation)
+        if spec is None or not routes_through_interface(type(module)):
             continue
-        settings = MultiMaxSettings.from_config(config)
-        settings.write_to(config)
-        if getattr(module, "multimax", None) is None:
-            heads = head_count(module, config) if settings.per_head else None
-            module.multimax = new_seglu(module, settings, heads)
+        if getattr(module, spec.attribute, None) is None:
+            setattr(module, spec.attribute, spec.build(module, config))
         count += 1
-    if model.config._attn_implementation in MULTIMAX_IMPLEMENTATIONS and count == 0:
+    implementation = model.config._attn_implementation
+    if implementation in PARAMETRIC_ATTENTION and count == 0:
         raise ValueError(
             f"{type(model).__name__} does not route its attention through Transformers' AttentionInterface, so "
-            "attn_implementation=\"multimax\" cannot apply to it (it would silently run SoftMax). Supported models call "
-            "`ALL_ATTENTION_FUNCTIONS.get_interface(...)` in their attention layers (Llama, Qwen2, Mistral, Gemma, "
-            "GPT-2, BERT, ViT, T5, BART, Marian and most recent models)."
+            f"attn_implementation={implementation!r} cannot apply to it (it would silently run SoftMax). Supported "
+            "models call `ALL_ATTENTION_FUNCTIONS.get_interface(...)` in their attention layers (Llama, Qwen2, "
+            "Mistral, Gemma, GPT-2, BERT, ViT, T5, BART, Marian and most recent models)."
         )
     if model.config.multimax_output:
         settings = MultiMaxSettings.from_config(model.config)
@@ -211,10 +261,14 @@ def patched_set_attn_implementation(original):
     return set_attn_implementation
 
 
+def parametric_module_types() -> tuple[type, ...]:
+    return tuple({t for spec in PARAMETRIC_ATTENTION.values() for t in spec.module_types} | {SegLU})
+
+
 def patched_initialize_weights(original):
     @functools.wraps(original)
     def _initialize_weights(self: PreTrainedModel, module: nn.Module, *args, **kwargs):
-        if isinstance(module, SegLU):
+        if isinstance(module, parametric_module_types()):
             if not getattr(module, "_is_hf_initialized", False):
                 module.reset_parameters()
                 module._is_hf_initialized = True
@@ -268,11 +322,7 @@ def register() -> None:
     if _REGISTERED:
         return
     for name, function in MULTIMAX_IMPLEMENTATIONS.items():
-        AttentionInterface.register(name, function)
-        # `sdpa_mask` gives a boolean mask (True = attend), or None for purely causal / unmasked attention, which the
-        # attention function resolves from `module.is_causal`. Registered under the same name: an attention function
-        # without a mask function of its name silently gets `attention_mask=None`.
-        AttentionMaskInterface.register(name, sdpa_mask)
+        register_parametric_attention(name, function, PARAMETRIC_ATTENTION[name])
     for name in FLAG_DEFAULTS:
         setattr(PreTrainedConfig, name, flag_property(name))
     PreTrainedModel.post_init = patched_post_init(PreTrainedModel.post_init)
