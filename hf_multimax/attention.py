@@ -93,9 +93,9 @@ def multimax_eager_attention_forward(
     causal = resolve_causal(module, attention_mask, is_causal, query.shape[2])
 
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # at least float32, as eager's softmax
     if position_bias is not None:
-        scores = scores + position_bias.float()
+        scores = scores + position_bias.to(scores.dtype)
     scores = apply_mask(modulator(scores), attention_mask, causal)
     weights = torch.softmax(scores, dim=-1).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)

@@ -23,6 +23,7 @@ import inspect
 import logging
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ MULTIMAX_IMPLEMENTATIONS = {MULTIMAX: multimax_eager_attention_forward, "multima
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 #: Attributes that hold a classification head on ``*ForSequenceClassification`` / ``*ForImageClassification``.
 CLASSIFIER_ATTRIBUTES = ("score", "classifier", "classification_head")
+#: Class names of models with an output head (base models such as ``LlamaModel`` have none and are left alone).
+HEAD_MODEL_NAME = re.compile(r"For[A-Z]\w*$|LMHeadModel$")
 MULTIMAX_KEY = re.compile(r"(^|\.)multimax_(ranges|ts)$")
 
 
@@ -124,9 +127,7 @@ def new_seglu(owner: nn.Module, settings: MultiMaxSettings, num_heads: int | Non
 
 
 def output_head(model: PreTrainedModel) -> nn.Module | None:
-    """The module whose output is the model's logits: the LM head, or a classification head."""
-    if model.base_model is model:
-        return None
+    """The module whose output is the model's logits: the LM head, or a classification head (None for base models)."""
     head = model.get_output_embeddings()
     if isinstance(head, nn.Module):
         return head
@@ -145,7 +146,7 @@ def modulate_logits(head: nn.Module, args: tuple, logits: torch.Tensor) -> torch
 def attach_output_multimax(model: PreTrainedModel, settings: MultiMaxSettings) -> bool:
     head = output_head(model)
     if head is None:
-        if model.base_model is not model:
+        if HEAD_MODEL_NAME.search(type(model).__name__):
             raise ValueError(
                 f"`multimax_output=True` but {type(model).__name__} has no output head MultiMax knows "
                 f"(get_output_embeddings() or one of {CLASSIFIER_ATTRIBUTES}); allowed: causal-LM, seq2seq-LM, "
@@ -238,6 +239,41 @@ def multimax_modules(model: nn.Module) -> dict[str, SegLU]:
     return {name: module for name, module in model.named_modules() if isinstance(module, SegLU)}
 
 
+#: id(config) -> weak references to the models with parametric attention built on that config object.
+_PARAMETRIC_MODELS_BY_CONFIG: dict[int, list[weakref.ref]] = {}
+
+
+def check_shared_config(model: PreTrainedModel) -> None:
+    """Warn when ``model`` switched the attention of another, live MultiMax model built on the same config object.
+
+    ``AutoModel*.from_config(config, attn_implementation=...)`` keeps a reference to ``config`` and sets
+    ``config._attn_implementation`` in place, so a second model built from the same object silently changes what the
+    first one runs.
+    """
+    config = model.config
+    owners = [ref for ref in _PARAMETRIC_MODELS_BY_CONFIG.get(id(config), []) if (m := ref()) is not None and m.config is config]
+    uses_parameters = config._attn_implementation in PARAMETRIC_ATTENTION
+    if not uses_parameters and owners:
+        submodules = {id(m) for m in model.modules()}
+        others = [ref() for ref in owners if id(ref()) not in submodules]
+        if others:
+            warnings.warn(
+                f"This {type(model).__name__} was built from the same config object as a live {type(others[0]).__name__} "
+                f"with MultiMax attention, and Transformers set `config._attn_implementation="
+                f"{config._attn_implementation!r}` on that shared object: the MultiMax model now runs "
+                f"{config._attn_implementation!r} too. Build each model from its own config (`copy.deepcopy(config)`).",
+                MultiMaxWarning,
+                stacklevel=3,
+            )
+            owners = []  # warned once for this config object
+    if uses_parameters:
+        owners.append(weakref.ref(model))
+    if owners:
+        _PARAMETRIC_MODELS_BY_CONFIG[id(config)] = owners
+    else:
+        _PARAMETRIC_MODELS_BY_CONFIG.pop(id(config), None)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Patches of PreTrainedModel / PreTrainedConfig, installed once by `register()`.
 
@@ -246,6 +282,7 @@ def patched_post_init(original):
     @functools.wraps(original)
     def post_init(self: PreTrainedModel) -> None:
         attach_multimax(self)
+        check_shared_config(self)
         original(self)
 
     return post_init

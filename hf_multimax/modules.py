@@ -19,7 +19,7 @@ class SegLU(nn.Module):
         order: SegLU order ``N``; both parameters have ``2N`` entries.
         num_heads: ``None`` for one set shared by all heads (shape ``(2N,)``, the paper's layout) or the number of
             heads for one set per head (shape ``(num_heads, 2N)``).
-        init_method: ``"identity"`` (every entry 0, σ is the identity) or ``"paper"`` (trunc-normal, std 0.02).
+        init_method: ``"identity"`` (every entry 0, σ is the identity) or ``"paper"`` (trunc-normal, std 0.02, cut at ±2 as upstream and timm).
         device, dtype: where and how to create the parameters.
     """
 

@@ -1,0 +1,67 @@
+"""Optimizer habits: MultiMax parameters without weight decay (our groups and Trainer's), separate clipping."""
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+import hf_multimax
+from hf_multimax.training import multimax_parameter_names, output_multimax_parameter_names
+from families import BY_NAME, randomize_multimax
+
+
+def test_parameter_groups_exclude_multimax_from_decay():
+    model = BY_NAME["llama"].build("multimax", multimax_output=True)
+    groups = {g["name"]: g for g in hf_multimax.multimax_parameter_groups(model, weight_decay=0.1, multimax_lr=1e-2)}
+    assert set(groups) == {"decay", "no_decay", "multimax", "multimax_output"}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    params = dict(model.named_parameters())
+    assert ids["multimax"] == {id(params[n]) for n in multimax_parameter_names(model)} - ids["multimax_output"]
+    assert ids["multimax_output"] == {id(params["lm_head.multimax.multimax_ranges"]), id(params["lm_head.multimax.multimax_ts"])}
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["multimax"]["weight_decay"] == 0.0
+    assert groups["multimax"]["lr"] == 1e-2
+    assert id(params["model.layers.0.self_attn.q_proj.weight"]) in ids["decay"]
+    assert id(params["model.norm.weight"]) in ids["no_decay"]
+    # every trainable parameter lands in exactly one group, and AdamW accepts them
+    assert sum(len(v) for v in ids.values()) == len(params)
+    torch.optim.AdamW(hf_multimax.multimax_parameter_groups(model, weight_decay=0.1), lr=1e-3)
+
+
+def test_trainer_leaves_multimax_out_of_weight_decay(tmp_path):
+    model = BY_NAME["llama"].build("multimax")
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, report_to=[]))
+    decayed = set(trainer.get_decay_parameter_names(model))
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed
+    assert not decayed & set(multimax_parameter_names(model))
+    optimizer = trainer.create_optimizer()
+    for group in optimizer.param_groups:
+        if any(p is model.model.layers[0].self_attn.multimax.multimax_ts for p in group["params"]):
+            assert group["weight_decay"] == 0.0
+
+
+def test_trainer_trains_a_multimax_model(tmp_path):
+    family = BY_NAME["llama"]
+    model = family.build("multimax").train()
+    randomize_multimax(model)
+    before = model.model.layers[1].self_attn.multimax.multimax_ts.detach().clone()
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(4, 64, (8, 12))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True)
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.model.layers[1].self_attn.multimax.multimax_ts, before)
+
+
+def test_clip_grad_norm_clips_output_multimax_on_its_own():
+    model = BY_NAME["llama"].build("multimax", multimax_output=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    names = set(output_multimax_parameter_names(model))
+    for name, p in model.named_parameters():
+        if name in names:
+            p.grad = torch.full_like(p, 1000.0)
+    total = hf_multimax.clip_grad_norm_(model, max_norm=1.0)
+    main_count = sum(p.numel() for n, p in model.named_parameters() if n not in names)
+    torch.testing.assert_close(total, torch.tensor(float(main_count) ** 0.5))  # norm of the main group only
+    head = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n in names])
+    torch.testing.assert_close(head.norm(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    body = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n not in names])
+    torch.testing.assert_close(body.norm(), torch.tensor(1.0), atol=1e-4, rtol=0)
