@@ -85,4 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m hf_multimax.cli`: this file is then `__main__`, and command modules register into the
+    # imported `hf_multimax.cli`, so dispatch through that module.
+    from hf_multimax.cli import main as package_main
+
+    sys.exit(package_main())
