@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import FLAG_DEFAULTS, MultiMaxSettings
 from .functional import multimax, seglu
 from .integration import MULTIMAX, MultiMaxWarning, attach_multimax, multimax_modules, register
+from .comparators import COMPARATORS  # registers "sparsemax", "entmax15", "entmax_alpha", "evsoftmax"
 from .modules import SegLU
 from .training import clip_grad_norm_, multimax_parameter_groups
 

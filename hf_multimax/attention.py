@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["multimax_eager_attention_forward", "get_modulator", "UNSUPPORTED_KWARGS"]
+from .kernels import multimax_attention
+
+__all__ = ["multimax_attention_forward", "multimax_eager_attention_forward", "get_modulator", "UNSUPPORTED_KWARGS"]
 
 #: Extras some models pass to attention backends that change the score function; MultiMax refuses them loudly
 #: rather than silently ignoring them (soft-capping: Gemma 2/3, attention sinks: GPT-OSS).
@@ -29,12 +31,13 @@ def get_modulator(module: nn.Module):
     return modulator
 
 
-def check_extras(kwargs: dict) -> None:
+def check_extras(kwargs: dict, implementation: str = "multimax") -> None:
+    """Refuse the score-changing extras in ``UNSUPPORTED_KWARGS``, naming the implementation."""
     for name in UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise ValueError(
-                f"MultiMax attention does not support `{name}` (passed by this model's attention layer); "
-                "use attn_implementation=\"eager\" or \"sdpa\" for this model."
+                f"attn_implementation={implementation!r} does not support `{name}` (passed by this model's attention "
+                "layer); use attn_implementation=\"eager\" or \"sdpa\" for this model."
             )
 
 
@@ -101,3 +104,55 @@ def multimax_eager_attention_forward(
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def wants_attention_weights(module: nn.Module, kwargs: dict) -> bool:
+    """Whether the caller asked for attention weights (``output_attentions``), which only the reference returns."""
+    requested = kwargs.get("output_attentions")
+    if requested is None:
+        requested = getattr(getattr(module, "config", None), "output_attentions", False)
+    return bool(requested)
+
+
+def multimax_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused MultiMax attention (``"multimax"``): the same function as :func:`multimax_eager_attention_forward`
+    without ever materialising the (batch, heads, q, k) scores.
+
+    Runs :func:`hf_multimax.kernels.multimax_attention` (fused C++ kernel on CPU, FlexAttention on CUDA, blocked
+    PyTorch otherwise), which keeps one log-sum-exp per query row and recomputes scores in the backward. GQA runs
+    without repeating keys and values; purely causal attention skips the fully masked key tiles. When attention
+    weights are requested (``output_attentions``) it defers to the reference, the only path that has them.
+    Returns ``(attn_output (batch, q, heads, dim), None)``.
+    """
+    check_extras(kwargs)
+    if wants_attention_weights(module, kwargs):
+        return multimax_eager_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal,
+            position_bias=position_bias, **kwargs,
+        )  # fmt: skip
+    modulator = get_modulator(module)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    if key.shape[1] * n_rep != query.shape[1]:
+        raise ValueError(
+            f"{type(module).__name__}.num_key_value_groups = {n_rep} but the query has {query.shape[1]} heads and the "
+            f"key {key.shape[1]}"
+        )
+    causal = resolve_causal(module, attention_mask, is_causal, query.shape[2])
+    out = multimax_attention(
+        query, key, value, modulator.multimax_ranges, modulator.multimax_ts,
+        scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        attention_mask=attention_mask, is_causal=causal, position_bias=position_bias,
+        dropout_p=dropout if module.training else 0.0,
+    )  # fmt: skip
+    return out, None

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import multimax_eager_attention_forward
+from .attention import multimax_attention_forward, multimax_eager_attention_forward
 from .config import FLAG_DEFAULTS, MultiMaxSettings, flag_property
 from .modules import SegLU
 from .training import patch_trainer_weight_decay
@@ -55,7 +55,7 @@ __all__ = [
 MULTIMAX = "multimax"
 #: Every attention implementation name that runs MultiMax and so needs MultiMax parameters: the default (fused when
 #: available) and the plain reference path (which also returns the attention weights).
-MULTIMAX_IMPLEMENTATIONS = {MULTIMAX: multimax_eager_attention_forward, "multimax_eager": multimax_eager_attention_forward}
+MULTIMAX_IMPLEMENTATIONS = {MULTIMAX: multimax_attention_forward, "multimax_eager": multimax_eager_attention_forward}
 #: Names of the attributes that may hold an attention module's number of (query) heads.
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 #: Attributes that hold a classification head on ``*ForSequenceClassification`` / ``*ForImageClassification``.
@@ -118,12 +118,18 @@ def head_count(module: nn.Module, config: PreTrainedConfig) -> int:
     )
 
 
-def new_seglu(owner: nn.Module, settings: MultiMaxSettings, num_heads: int | None) -> SegLU:
-    """A SegLU on ``owner``'s device and dtype (the meta device inside ``from_pretrained``)."""
+def placement(owner: nn.Module) -> dict:
+    """``device`` and ``dtype`` keyword arguments for parameters that join ``owner`` (its first parameter's; the meta
+    device inside ``from_pretrained``)."""
     reference = next(owner.parameters(recurse=True), None)
     device = reference.device if reference is not None else None
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
-    return SegLU(settings.order, num_heads, settings.init, device=device, dtype=dtype)
+    return {"device": device, "dtype": dtype}
+
+
+def new_seglu(owner: nn.Module, settings: MultiMaxSettings, num_heads: int | None) -> SegLU:
+    """A SegLU on ``owner``'s device and dtype."""
+    return SegLU(settings.order, num_heads, settings.init, **placement(owner))
 
 
 def output_head(model: PreTrainedModel) -> nn.Module | None:
@@ -239,37 +245,39 @@ def multimax_modules(model: nn.Module) -> dict[str, SegLU]:
     return {name: module for name, module in model.named_modules() if isinstance(module, SegLU)}
 
 
-#: id(config) -> weak references to the models with parametric attention built on that config object.
-_PARAMETRIC_MODELS_BY_CONFIG: dict[int, list[weakref.ref]] = {}
+#: id(config) -> (parametric implementation, weak references to the models built with it on that config object).
+_PARAMETRIC_MODELS_BY_CONFIG: dict[int, tuple[str, list[weakref.ref]]] = {}
 
 
 def check_shared_config(model: PreTrainedModel) -> None:
-    """Warn when ``model`` switched the attention of another, live MultiMax model built on the same config object.
+    """Warn when ``model`` switched the attention of another, live model with learned attention parameters (MultiMax
+    or another parametric implementation) built on the same config object.
 
     ``AutoModel*.from_config(config, attn_implementation=...)`` keeps a reference to ``config`` and sets
     ``config._attn_implementation`` in place, so a second model built from the same object silently changes what the
     first one runs.
     """
     config = model.config
-    owners = [ref for ref in _PARAMETRIC_MODELS_BY_CONFIG.get(id(config), []) if (m := ref()) is not None and m.config is config]
-    uses_parameters = config._attn_implementation in PARAMETRIC_ATTENTION
-    if not uses_parameters and owners:
+    previous, refs = _PARAMETRIC_MODELS_BY_CONFIG.get(id(config), (None, []))
+    owners = [ref for ref in refs if (m := ref()) is not None and m.config is config]
+    current = config._attn_implementation
+    if owners and current != previous:
         submodules = {id(m) for m in model.modules()}
         others = [ref() for ref in owners if id(ref()) not in submodules]
         if others:
             warnings.warn(
                 f"This {type(model).__name__} was built from the same config object as a live {type(others[0]).__name__} "
-                f"with MultiMax attention, and Transformers set `config._attn_implementation="
-                f"{config._attn_implementation!r}` on that shared object: the MultiMax model now runs "
-                f"{config._attn_implementation!r} too. Build each model from its own config (`copy.deepcopy(config)`).",
+                f"with {previous!r} attention, and Transformers set `config._attn_implementation={current!r}` on that "
+                f"shared object: that model now runs {current!r} too and ignores its learned attention parameters. "
+                "Build each model from its own config (`copy.deepcopy(config)`).",
                 MultiMaxWarning,
                 stacklevel=3,
             )
-            owners = []  # warned once for this config object
-    if uses_parameters:
+        owners = []  # warned once for this config object
+    if current in PARAMETRIC_ATTENTION:
         owners.append(weakref.ref(model))
     if owners:
-        _PARAMETRIC_MODELS_BY_CONFIG[id(config)] = owners
+        _PARAMETRIC_MODELS_BY_CONFIG[id(config)] = (current, owners)
     else:
         _PARAMETRIC_MODELS_BY_CONFIG.pop(id(config), None)
 

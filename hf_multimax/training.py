@@ -4,6 +4,7 @@ MultiMax, whose parameter gradients grow like sqrt(vocabulary size)."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 
 import torch
@@ -20,14 +21,23 @@ __all__ = [
 ]
 
 NO_DECAY_PATTERNS = ("bias", "norm", "layernorm", "rmsnorm")
+#: The path PEFT's ``ModulesToSaveWrapper`` puts a SegLU under (``head.multimax.modules_to_save.default``): the SegLU's
+#: owner is the module above the wrapper.
+_PEFT_WRAPPER = re.compile(r"\.(modules_to_save\.[^.]+|original_module)$")
 
 
 def _seglu_parameter_names(model: nn.Module, output: bool | None) -> list[str]:
+    """Parameters of SegLUs (and, for ``output`` not True, of every other learnable attention-parameter module such as
+    entmax-α's), filtered by whether they sit on the output head."""
+    from .integration import parametric_module_types  # integration imports this module
+
+    types = (SegLU,) if output else parametric_module_types()
     names = []
     for module_name, module in model.named_modules():
-        if not isinstance(module, SegLU):
+        if not isinstance(module, types):
             continue
-        owner = model.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else model
+        owner_name = _PEFT_WRAPPER.sub("", module_name).rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
         is_output = getattr(owner, "_multimax_hook", None) is not None
         if output is None or output == is_output:
             names += [f"{module_name}.{param_name}" for param_name, _ in module.named_parameters()]
@@ -35,7 +45,8 @@ def _seglu_parameter_names(model: nn.Module, output: bool | None) -> list[str]:
 
 
 def multimax_parameter_names(model: nn.Module) -> list[str]:
-    """Names of every MultiMax parameter (attention layers and output head) in ``model``."""
+    """Names of every MultiMax parameter (attention layers and output head) in ``model``, and of the parameters of
+    other learnable attention functions (e.g. ``entmax_alpha``): all of them stay out of weight decay."""
     return _seglu_parameter_names(model, None)
 
 

@@ -65,3 +65,13 @@ def test_clip_grad_norm_clips_output_multimax_on_its_own():
     torch.testing.assert_close(head.norm(), torch.tensor(1.0), atol=1e-4, rtol=0)
     body = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n not in names])
     torch.testing.assert_close(body.norm(), torch.tensor(1.0), atol=1e-4, rtol=0)
+
+
+def test_other_learnable_attention_parameters_skip_weight_decay_too(tmp_path):
+    model = BY_NAME["llama"].build("entmax_alpha")
+    names = set(multimax_parameter_names(model))
+    assert names == {f"model.layers.{i}.self_attn.entmax_alpha.pre_alpha" for i in range(2)}
+    groups = {g["name"]: g for g in hf_multimax.multimax_parameter_groups(model, weight_decay=0.1)}
+    assert {id(p) for p in groups["multimax"]["params"]} == {id(dict(model.named_parameters())[n]) for n in names}
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, report_to=[]))
+    assert not set(trainer.get_decay_parameter_names(model)) & names

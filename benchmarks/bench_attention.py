@@ -1,0 +1,267 @@
+"""Attention alone: fused MultiMax vs SDPA vs eager SoftMax vs the MultiMax reference, forward and forward+backward.
+
+Every implementation is the function Transformers calls for its ``attn_implementation`` (``sdpa``, ``eager`` (Llama's
+eager function with the float causal mask Transformers builds for it), ``multimax`` (fused), ``multimax_eager``
+(reference)), on the same causal inputs, timed round-robin in one process (medians); peak memory is measured in a
+fresh process per implementation and size. Writes ``bench_attention.md`` / ``.json`` / ``.png`` to ``--out``.
+
+    python benchmarks/bench_attention.py            # seq 256..4096, batch 4, 4 heads, head_dim 64, 2 threads
+    python benchmarks/bench_attention.py --quick    # seq 256 and 1024, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS,
+    child_report,
+    environment,
+    fmt,
+    fmt_ratio,
+    markdown_table,
+    measure_peak_mb,
+    median_times,
+    peak_in_subprocess,
+    write_report,
+)
+
+IMPLEMENTATIONS = ("sdpa", "eager", "multimax", "multimax_eager")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--seq", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help="sequence lengths")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--order", type=int, default=2, help="SegLU order of MultiMax (default 2, the paper's)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (median reported)")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                        help="implementations to compare (default: all)")  # fmt: skip
+    parser.add_argument("--max-eager-seq", type=int, default=4096, help="skip eager SoftMax above this length")
+    parser.add_argument("--max-reference-seq", type=int, default=2048,
+                        help="skip multimax_eager (reference) above this length (it needs ~8 GB at 4096)")  # fmt: skip
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--profile-seq", type=int, default=1024,
+                        help="length of the profile section (where the time of multimax goes); 0 to skip")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="seq 256 and 1024, 3 repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--child", nargs=3, metavar=("IMPL", "SEQ", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seq, args.repeats = [256, 1024], 3
+    return args
+
+
+def attention_module(args: argparse.Namespace) -> nn.Module:
+    import hf_multimax  # noqa: F401  (registers the MultiMax implementations)
+    from hf_multimax.modules import SegLU
+
+    module = nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = 1
+    module.multimax = SegLU(args.order, None, "paper")
+    module.train()
+    return module
+
+
+def make_case(impl: str, seq: int, args: argparse.Namespace, grad: bool):
+    """``run()`` for one implementation: forward (no grad) or forward + backward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from hf_multimax.attention import multimax_attention_forward, multimax_eager_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, seq, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).requires_grad_(grad) for _ in range(3))
+    grad_out = torch.randn(args.batch, seq, args.heads, args.head_dim, generator=gen)
+    module = attention_module(args)
+    if not grad:
+        module.multimax.requires_grad_(False)
+    mask = None
+    if impl == "eager":  # what Transformers builds for eager: a float (batch, 1, q, k) causal mask
+        mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1).expand(args.batch, 1, seq, seq)
+    function = {
+        "sdpa": sdpa_attention_forward,
+        "eager": eager_attention_forward,
+        "multimax": multimax_attention_forward,
+        "multimax_eager": multimax_eager_attention_forward,
+    }[impl]
+    scaling = args.head_dim**-0.5
+
+    def run():
+        if grad:
+            out, _ = function(module, q, k, v, mask, scaling=scaling, dropout=0.0)
+            out.backward(grad_out)
+        else:
+            with torch.no_grad():
+                function(module, q, k, v, mask, scaling=scaling, dropout=0.0)
+
+    return run
+
+
+def skipped(impl: str, seq: int, args: argparse.Namespace) -> bool:
+    return (impl == "eager" and seq > args.max_eager_seq) or (impl == "multimax_eager" and seq > args.max_reference_seq)
+
+
+def child(args: argparse.Namespace) -> None:
+    impl, seq, mode = args.child[0], int(args.child[1]), args.child[2]
+    torch.set_num_threads(args.threads)
+    run = make_case(impl, seq, args, grad=mode == "fwd+bwd")
+    run_small = make_case(impl, 64, args, grad=mode == "fwd+bwd")
+    run_small()  # load kernels, warm allocator paths, on a tiny problem
+    child_report(measure_peak_mb(run))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    torch.set_num_threads(args.threads)
+    env = environment()
+    print(env)
+    impls = args.impls
+    times: dict[str, dict[int, dict[str, float]]] = {"fwd+bwd": {}, "fwd": {}}
+    memory: dict[str, dict[int, dict[str, float | None]]] = {"fwd+bwd": {}, "fwd": {}}
+    for seq in args.seq:
+        for mode in ("fwd+bwd", "fwd"):
+            active = [impl for impl in impls if not skipped(impl, seq, args)]
+            repeats = args.repeats if seq <= 2048 else max(3, args.repeats // 2)
+            cases = {impl: make_case(impl, seq, args, grad=mode == "fwd+bwd") for impl in active}
+            times[mode][seq] = median_times(cases, repeats)
+            del cases
+            memory[mode][seq] = {}
+            if not args.no_memory:
+                for impl in active:
+                    memory[mode][seq][impl] = peak_in_subprocess(
+                        __file__, [impl, str(seq), mode, "--batch", str(args.batch), "--heads", str(args.heads),
+                                   "--head-dim", str(args.head_dim), "--threads", str(args.threads),
+                                   "--order", str(args.order)]  # fmt: skip
+                    )
+            line = ", ".join(f"{impl} {times[mode][seq][impl] * 1000:.1f} ms" for impl in active)
+            print(f"seq {seq:5d} {mode:8s}: {line}", flush=True)
+
+    sections = [
+        f"Batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, causal, float32, MultiMax order "
+        f"{args.order}, median of {args.repeats} interleaved rounds.\n\n{env}",
+    ]
+    for mode in ("fwd+bwd", "fwd"):
+        header = ["seq"] + [f"{impl}" for impl in impls] + [f"{impl}/sdpa" for impl in impls if impl != "sdpa"]
+        rows = []
+        for seq in args.seq:
+            t = times[mode][seq]
+            rows.append([str(seq)] + [fmt(t.get(impl)) for impl in impls]
+                        + [fmt_ratio(t.get(impl), t.get("sdpa")) for impl in impls if impl != "sdpa"])  # fmt: skip
+        sections.append(f"## Time, {'forward + backward' if mode == 'fwd+bwd' else 'forward (inference, no grad)'}\n\n"
+                        + markdown_table(header, rows))  # fmt: skip
+    if not args.no_memory:
+        for mode in ("fwd+bwd", "fwd"):
+            header = ["seq"] + list(impls) + [f"{impl}/sdpa" for impl in impls if impl != "sdpa"]
+            rows = []
+            for seq in args.seq:
+                m = memory[mode][seq]
+                rows.append([str(seq)] + [fmt(m.get(impl), "MiB") for impl in impls]
+                            + [fmt_ratio(m.get(impl), m.get("sdpa")) for impl in impls if impl != "sdpa"])  # fmt: skip
+            sections.append(f"## Peak memory above baseline (RSS high-water, fresh process), {mode}\n\n"
+                            + markdown_table(header, rows))  # fmt: skip
+    sections.append(targets(args, times, memory))
+    if args.profile_seq:
+        sections.append(profile_section(args, args.profile_seq))
+    data = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "times": times, "memory": memory}
+    path = write_report(args.out, "bench_attention", "Attention benchmark", sections, data)
+    plot(args, times, memory, args.out / "bench_attention.png")
+    print(f"wrote {path} and {args.out / 'bench_attention.png'}")
+
+
+def targets(args, times, memory) -> str:
+    lines = ["## Targets"]
+
+    def ratio(table, mode, seq):
+        t = table[mode].get(seq, {})
+        if t.get("multimax") is None or not t.get("sdpa"):
+            return None
+        return t["multimax"] / t["sdpa"]
+
+    checks = [("fwd+bwd time at 1024, multimax/SDPA", ratio(times, "fwd+bwd", 1024), 1.25)]
+    checks += [(f"forward (inference) time at {seq}, multimax/SDPA", ratio(times, "fwd", seq), 1.10) for seq in args.seq]
+    if not args.no_memory:
+        checks += [(f"peak memory fwd+bwd at {seq}, multimax/SDPA", ratio(memory, "fwd+bwd", seq), 1.10)
+                   for seq in args.seq if seq >= 2048]  # fmt: skip
+    for name, value, limit in checks:
+        if value is not None:
+            lines.append(f"- {name}: **{value:.2f}** (target ≤ {limit:.2f}) {'met' if value <= limit else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def profile_section(args: argparse.Namespace, seq: int) -> str:
+    """Where the fused path's time goes at one length: forward vs backward against SDPA, the cost of σ's order
+    (order 1..3 against SDPA), and the PyTorch operators around the kernel (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rounds = max(3, args.repeats)
+    orders = {}
+    for order in (1, 2, 3):
+        order_args = argparse.Namespace(**{**vars(args), "order": order})
+        orders[f"multimax order {order}"] = make_case("multimax", seq, order_args, grad=True)
+    cases = {"sdpa": make_case("sdpa", seq, args, grad=True), **orders}
+    fwd_bwd = median_times(cases, rounds)
+    fwd = median_times({"sdpa": make_case("sdpa", seq, args, grad=False),
+                        "multimax": make_case("multimax", seq, args, grad=False)}, rounds)  # fmt: skip
+    rows = [["sdpa", fmt(fwd["sdpa"]), fmt(fwd_bwd["sdpa"] - fwd["sdpa"]), fmt(fwd_bwd["sdpa"]), "1.00"]]
+    for name in orders:
+        note = name == f"multimax order {args.order}"
+        rows.append([name, fmt(fwd["multimax"]) if note else "", fmt(fwd_bwd[name] - fwd["multimax"]) if note else "",
+                     fmt(fwd_bwd[name]), fmt_ratio(fwd_bwd[name], fwd_bwd["sdpa"])])  # fmt: skip
+    table = markdown_table(["implementation", "forward", "backward (fwd+bwd − fwd)", "fwd+bwd", "fwd+bwd / sdpa"], rows)
+    run = make_case("multimax", seq, args, grad=True)
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            run()
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
+    return (f"## Profile at {seq} (causal, fwd+bwd)\n\n{table}\n\nThe C++ kernel calls appear as "
+            "`MultiMaxAttentionFunction` (forward) and `MultiMaxAttentionFunctionBackward` (backward); every other "
+            "row is PyTorch work around them (gradient buffers, rowsum(dO∘O), casts), three iterations:\n\n"
+            f"```\n{ops}\n```")
+
+
+def plot(args, times, memory, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("fwd+bwd", times, "forward + backward time (s)"), ("fwd", times, "forward time (s)")]
+    if not args.no_memory:
+        panels.append(("fwd+bwd", memory, "peak memory fwd+bwd (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    for ax, (mode, table, label) in zip(axes, panels):
+        for impl in args.impls:
+            points = [(seq, table[mode][seq].get(impl)) for seq in args.seq]
+            points = [(s, v) for s, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Causal attention, batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, "
+                 f"{args.threads} threads")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""A full Llama training step (forward with labels, backward, AdamW step) with ``sdpa`` vs ``eager`` vs ``multimax``.
+
+A small Llama (hidden 256, 4 layers, 4 heads of 64, SwiGLU 688, vocabulary 4096 so that attention, not the LM head,
+is what grows with the length), batch 4, causal LM loss. Step times are medians of interleaved rounds in one
+process; the model-level inference forward (no grad) is timed too; peak memory of a step (after a warm-up step has
+created the optimizer state) is measured in a fresh process per implementation and length.
+Writes ``bench_train_step.md`` / ``.json`` / ``.png`` to ``--out``.
+
+    python benchmarks/bench_train_step.py            # 512, 1024, 2048 tokens per sequence
+    python benchmarks/bench_train_step.py --quick    # 512 only, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS,
+    child_report,
+    environment,
+    fmt,
+    fmt_ratio,
+    markdown_table,
+    measure_peak_mb,
+    median_times,
+    peak_in_subprocess,
+    write_report,
+)
+
+IMPLEMENTATIONS = ("sdpa", "eager", "multimax")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048], help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--intermediate", type=int, default=688, help="MLP size (default 688)")
+    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS + ("multimax_eager",),
+                        help="attention implementations (default: sdpa eager multimax)")  # fmt: skip
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="512 tokens only, 3 rounds")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--child", nargs=3, metavar=("IMPL", "SEQ", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seq, args.repeats = [512], 3
+    return args
+
+
+def build(impl: str, seq: int, args: argparse.Namespace):
+    """``(model, optimizer, batch)`` for one implementation; the same initial weights for every implementation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_multimax  # noqa: F401
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, max_position_embeddings=max(args.seq),
+                         multimax_init="paper")  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, attn_implementation=impl)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, seq), generator=torch.Generator().manual_seed(1))
+    return model, optimizer, {"input_ids": ids, "labels": ids}
+
+
+def step_fn(model, optimizer, batch):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def forward_fn(model, batch):
+    def forward():
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"])
+
+    return forward
+
+
+def child(args: argparse.Namespace) -> None:
+    impl, seq, mode = args.child[0], int(args.child[1]), args.child[2]
+    torch.set_num_threads(args.threads)
+    model, optimizer, batch = build(impl, seq, args)
+    run = step_fn(model, optimizer, batch) if mode == "step" else forward_fn(model, batch)
+    run()  # warm-up: optimizer state, kernels
+    child_report(measure_peak_mb(run))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    torch.set_num_threads(args.threads)
+    env = environment()
+    print(env)
+    times = {"step": {}, "forward": {}}
+    memory = {"step": {}, "forward": {}}
+    for seq in args.seq:
+        built = {impl: build(impl, seq, args) for impl in args.impls}
+        times["step"][seq] = median_times({impl: step_fn(*built[impl]) for impl in args.impls}, args.repeats)
+        times["forward"][seq] = median_times({impl: forward_fn(m, b) for impl, (m, _, b) in built.items()}, args.repeats)
+        del built
+        for mode in ("step", "forward"):
+            memory[mode][seq] = {}
+            if args.no_memory:
+                continue
+            for impl in args.impls:
+                memory[mode][seq][impl] = peak_in_subprocess(
+                    __file__, [impl, str(seq), mode] + [f"--{k}={getattr(args, k)}" for k in
+                                                         ("batch", "hidden", "layers", "heads", "intermediate", "vocab",
+                                                          "threads")] + ["--seq", *map(str, args.seq)]  # fmt: skip
+                )
+        print(f"seq {seq}: " + ", ".join(f"{impl} step {times['step'][seq][impl] * 1000:.0f} ms / fwd "
+                                         f"{times['forward'][seq][impl] * 1000:.0f} ms" for impl in args.impls),
+              flush=True)  # fmt: skip
+
+    others = [impl for impl in args.impls if impl != "sdpa"]
+    sections = [
+        f"Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, MLP {args.intermediate}, vocabulary "
+        f"{args.vocab}; batch {args.batch}; float32; AdamW; median of {args.repeats} interleaved rounds.\n\n{env}"
+    ]
+    for mode, title in (("step", "Training step (forward + backward + AdamW)"), ("forward", "Inference forward")):
+        rows = [[str(seq)] + [fmt(times[mode][seq].get(i)) for i in args.impls]
+                + [fmt_ratio(times[mode][seq].get(i), times[mode][seq].get("sdpa")) for i in others]
+                for seq in args.seq]  # fmt: skip
+        header = ["tokens"] + args.impls + [f"{i}/sdpa" for i in others]
+        sections.append(f"## {title}: time\n\n" + markdown_table(header, rows))
+        if not args.no_memory:
+            rows = [[str(seq)] + [fmt(memory[mode][seq].get(i), "MiB") for i in args.impls]
+                    + [fmt_ratio(memory[mode][seq].get(i), memory[mode][seq].get("sdpa")) for i in others]
+                    for seq in args.seq]  # fmt: skip
+            sections.append(f"## {title}: peak memory above baseline (RSS high-water, fresh process)\n\n"
+                            + markdown_table(header, rows))  # fmt: skip
+    lines = ["## Targets"]
+    for seq in args.seq:
+        for mode, limit, what in (("step", 1.10, "training step time"), ("forward", 1.10, "inference forward time")):
+            t = times[mode][seq]
+            if "multimax" in t and t.get("sdpa"):
+                r = t["multimax"] / t["sdpa"]
+                lines.append(f"- {what} at {seq}, multimax/SDPA: **{r:.2f}** (target ≤ {limit:.2f}) "
+                             f"{'met' if r <= limit else 'MISSED'}")  # fmt: skip
+        m = memory["step"].get(seq, {})
+        if seq >= 2048 and m.get("multimax") and m.get("sdpa"):
+            r = m["multimax"] / m["sdpa"]
+            lines.append(f"- training step peak memory at {seq}, multimax/SDPA: **{r:.2f}** (target ≤ 1.10) "
+                         f"{'met' if r <= 1.10 else 'MISSED'}")  # fmt: skip
+    sections.append("\n".join(lines))
+    data = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "times": times, "memory": memory}
+    path = write_report(args.out, "bench_train_step", "Training-step benchmark", sections, data)
+    plot(args, times, memory, args.out / "bench_train_step.png")
+    print(f"wrote {path} and {args.out / 'bench_train_step.png'}")
+
+
+def plot(args, times, memory, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(times["step"], "training step (s)"), (times["forward"], "inference forward (s)")]
+    if not args.no_memory:
+        panels.append((memory["step"], "training step peak memory (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    width = 0.8 / len(args.impls)
+    for ax, (table, label) in zip(axes[0], panels):
+        for n, impl in enumerate(args.impls):
+            values = [table[seq].get(impl) or 0 for seq in args.seq]
+            ax.bar([i + n * width for i in range(len(args.seq))], values, width, label=impl)
+        ax.set_xticks([i + width * (len(args.impls) - 1) / 2 for i in range(len(args.seq))], [str(s) for s in args.seq])
+        ax.set_xlabel("tokens per sequence")
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Llama {args.hidden}x{args.layers}, batch {args.batch}, {args.threads} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

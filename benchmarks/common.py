@@ -1,0 +1,130 @@
+"""Shared pieces of the benchmark scripts: interleaved median timing, peak memory in a fresh process, reports.
+
+Timing runs every implementation round-robin in one process (so a busy neighbour slows all of them alike) and
+reports medians. Peak memory is the resident-set high-water mark (``VmHWM``) of a fresh subprocess per
+implementation and size, reset just before the measured step (``/proc/self/clear_refs``) and reported relative to the
+resident set at that moment, with glibc told to return large blocks to the system on free (so the resident set is
+the live tensors, not an allocator cache): tracemalloc does not see PyTorch's CPU allocations, RSS does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (seconds) of each function, called round-robin ``repeats`` times after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure_peak_mb(step: Callable[[], object]) -> float:
+    """Peak resident memory (MiB) ``step()`` adds on top of what the process holds when it starts."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _status_kb("VmRSS")
+        step()
+        peak = _status_kb("VmHWM")
+        if before is not None and peak is not None:
+            return (peak - before) / 1024
+    except OSError:
+        pass
+    import resource  # fallback: the lifetime high-water mark (includes imports)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def peak_in_subprocess(script: str, args: list[str], timeout: float = 900) -> float | None:
+    """Run ``script --child ARGS`` in a fresh interpreter; it prints ``{"peak_mb": ...}`` as its last line."""
+    # Large blocks are mmap'ed and unmapped on free, so the resident set follows the live tensors instead of what
+    # glibc keeps cached from earlier steps (which would hide part of the measured step's peak).
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)  # fmt: skip
+    if proc.returncode != 0:
+        print(f"  memory child {args} failed: {proc.stderr.strip()[-400:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def child_report(peak_mb: float) -> None:
+    print(json.dumps({"peak_mb": round(peak_mb, 1)}))
+
+
+def environment() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from hf_multimax.kernels import cpu as cpu_kernel
+
+    available, reason = cpu_kernel.cpu_kernel_status()
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu} ({os.cpu_count()} logical cores), "
+        f"fused CPU kernel: {'yes' if available else 'no (' + reason + ')'}, load average before: "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+
+def fmt_ratio(value: float | None, base: float | None) -> str:
+    return "–" if value is None or base in (None, 0) else f"{value / base:.2f}"
+
+
+def fmt(value: float | None, unit: str = "s") -> str:
+    if value is None:
+        return "–"
+    return f"{value * 1000:.1f} ms" if unit == "s" else f"{value:.0f} MiB"
+
+
+def write_report(out_dir: Path, name: str, title: str, sections: list[str], data: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.md"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    note = (f"Load average after the run: {load}. The machine is shared: a load well above the thread count means "
+            "other processes competed for the cores, which inflates absolute times (ratios are measured round-robin "
+            "and suffer less).")  # fmt: skip
+    path.write_text(f"# {title}\n\n" + "\n\n".join([*sections, note]) + "\n", encoding="utf-8")
+    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""The fused CPU kernel: build (once, cached), load and call ``csrc/multimax_attention.cpp``.
+
+The kernel is a plain C++ shared library without Torch headers, so it builds in about two seconds with the system
+compiler (``$CXX`` or ``c++``), against ~45 s for a ``torch.utils.cpp_extension`` build. It is called through
+:mod:`ctypes` with raw pointers and strides, and multiplies matrices with the BLAS ``sgemm_`` that ``libtorch_cpu``
+exports (MKL on x86-64 wheels). The library is cached under ``$HF_MULTIMAX_CACHE`` (default
+``~/.cache/hf_multimax``), keyed by the source, the flags, the compiler and the CPU, and checked against the
+PyTorch path on a tiny problem before first use. Any failure (no compiler, no ``sgemm_``, a wrong result) logs one
+warning and leaves the pure-PyTorch path (:mod:`hf_multimax.kernels.blocked`) in charge.
+
+Set ``HF_MULTIMAX_CPU_KERNEL=0`` to never build or use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .problem import AttentionProblem
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "cpu_kernel_available",
+    "cpu_kernel_status",
+    "forward",
+    "backward",
+    "seglu_cross_entropy_",
+    "MAX_ORDER",
+    "library_path",
+]
+
+SOURCE = Path(__file__).with_name("csrc") / "multimax_attention.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+#: Orders with a compiled specialisation (higher orders run on the PyTorch path).
+MAX_ORDER = 4
+BUILD_TIMEOUT_S = 300
+# Tile sizes (rows of queries × keys): a tile of scores plus the K/V rows it reads stays in L2.
+BLOCK_Q_FORWARD, BLOCK_K_FORWARD = 64, 256
+BLOCK_Q_BACKWARD, BLOCK_K_BACKWARD = 64, 128
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+_i64, _ptr, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+
+
+class _Args(ctypes.Structure):
+    """Mirror of ``struct MMArgs`` in the C++ source (every field 8 bytes: no padding surprises)."""
+
+    _fields_ = [
+        ("q", _ptr), ("q_sb", _i64), ("q_sh", _i64), ("q_sl", _i64),
+        ("k", _ptr), ("k_sb", _i64), ("k_sh", _i64), ("k_sl", _i64),
+        ("v", _ptr), ("v_sb", _i64), ("v_sh", _i64), ("v_sl", _i64),
+        ("bias", _ptr), ("bias_sb", _i64), ("bias_sh", _i64), ("bias_sl", _i64),
+        ("mask", _ptr), ("mask_kind", _i64), ("mask_sb", _i64), ("mask_sh", _i64), ("mask_sl", _i64),
+        ("ranges", _ptr), ("ts", _ptr), ("order", _i64),
+        ("out", _ptr), ("o_sb", _i64), ("o_sh", _i64), ("o_sl", _i64),
+        ("stats", _ptr),
+        ("dout", _ptr), ("do_sb", _i64), ("do_sh", _i64), ("do_sl", _i64),
+        ("dq", _ptr), ("dk", _ptr), ("dv", _ptr), ("pacc", _ptr),
+        ("dbias", _ptr), ("dbias_b", _i64), ("dbias_h", _i64),
+        ("B", _i64), ("H", _i64), ("Hkv", _i64), ("Lq", _i64), ("Lk", _i64), ("D", _i64), ("Dv", _i64),
+        ("scale", _f64), ("causal", _i64), ("dropout", _f64), ("seed", _i64),
+        ("block_q", _i64), ("block_k", _i64), ("nthreads", _i64),
+        ("kv_split", _i64),
+    ]  # fmt: skip
+
+
+class _CEArgs(ctypes.Structure):
+    """Mirror of ``struct CEArgs``."""
+
+    _fields_ = [
+        ("logits", _ptr), ("rows", _i64), ("vocab", _i64), ("ld", _i64),
+        ("labels", _ptr), ("ignore_index", _i64),
+        ("ranges", _ptr), ("ts", _ptr), ("order", _i64),
+        ("grad_scale", _f64), ("need_grad", _i64),
+        ("loss", _ptr), ("pacc", _ptr), ("nthreads", _i64),
+    ]  # fmt: skip
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HF_MULTIMAX_CACHE")
+    if root:
+        return Path(root) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "hf_multimax" / "kernels"
+
+
+def _cpu_fingerprint() -> str:
+    """CPU model and flags: the library is built with ``-march=native``, so a cache shared between machines must not
+    hand one CPU's build to another."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [line for line in f if line.startswith(("flags", "model name", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def library_path() -> Path | None:
+    """Where the cached library for this source, compiler and CPU lives (``None`` without a compiler)."""
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = compiler
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_fingerprint().encode()):
+        digest.update(part)
+    return _cache_dir() / f"multimax_attention_{digest.hexdigest()[:20]}.so"
+
+
+def _build(target: Path) -> None:
+    compiler = _compiler()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp]
+        logger.info("Building the fused MultiMax CPU kernel: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiler exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders never see a half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _find_sgemm() -> int | None:
+    """Address of the Fortran BLAS ``sgemm_`` linked into libtorch_cpu (MKL or OpenBLAS), if it is exported."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = lib_dir / name
+        if not path.exists():
+            continue
+        try:
+            return ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            return None
+    return None
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("HF_MULTIMAX_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError("disabled by HF_MULTIMAX_CPU_KERNEL=0")
+    if not SOURCE.exists():
+        raise RuntimeError(f"kernel source {SOURCE} is missing from this installation")
+    sgemm = _find_sgemm()
+    if sgemm is None:
+        raise RuntimeError("this PyTorch build exports no `sgemm_` from libtorch_cpu")
+    path = library_path()
+    if path is None:
+        raise RuntimeError("no C++ compiler found (set $CXX)")
+    if not path.exists():
+        try:
+            _build(path)
+        except OSError:  # unwritable cache: build into the temporary directory instead
+            path = Path(tempfile.gettempdir()) / "hf_multimax" / path.name
+            if not path.exists():
+                _build(path)
+    lib = ctypes.CDLL(str(path))
+    lib.mm_set_sgemm.argtypes = [ctypes.c_void_p]
+    lib.mm_attention_forward.argtypes = [ctypes.POINTER(_Args)]
+    lib.mm_attention_backward.argtypes = [ctypes.POINTER(_Args)]
+    lib.mm_seglu_cross_entropy.argtypes = [ctypes.POINTER(_CEArgs)]
+    if not lib.mm_set_sgemm(sgemm):
+        raise RuntimeError("could not hand `sgemm_` to the kernel")
+    _STATE["lib"] = lib
+    _self_test()
+    return lib
+
+
+def _self_test() -> None:
+    """Compare with the PyTorch path on a tiny problem (catches e.g. an ILP64 BLAS, whose integers are 64-bit)."""
+    from . import blocked
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=gen) for _ in range(3))
+    ranges, ts = torch.randn(4, generator=gen) * 0.5, torch.randn(4, generator=gen) * 0.3
+    problem = AttentionProblem.build(q, k, v, ranges, ts, scale=0.3, mask=None, causal=True, bias=None, dropout_p=0.0)
+    expected, _ = blocked.forward(problem)
+    got, _ = forward(problem)
+    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"self-test mismatch (max abs error {(got - expected).abs().max().item():.3g})")
+
+
+def cpu_kernel_status() -> tuple[bool, str]:
+    """``(available, reason)``: builds and loads the kernel on first call."""
+    with _LOCK:
+        if "ok" not in _STATE:
+            try:
+                _load()
+                _STATE["ok"], _STATE["reason"] = True, "loaded"
+            except Exception as error:  # any failure means: use the PyTorch path
+                _STATE.pop("lib", None)
+                _STATE["ok"], _STATE["reason"] = False, f"{type(error).__name__}: {error}"
+                logger.warning(
+                    "The fused MultiMax CPU kernel is unavailable (%s); using the pure-PyTorch blocked path, which is "
+                    "exact but slower.", _STATE["reason"],
+                )
+        return bool(_STATE["ok"]), str(_STATE["reason"])
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the compiled CPU kernel can run (builds it on first call)."""
+    return cpu_kernel_status()[0]
+
+
+
+def _args(p: AttentionProblem, block_q: int, block_k: int) -> _Args:
+    a = _Args()
+    a.q, (a.q_sb, a.q_sh, a.q_sl) = p.q.data_ptr(), p.q.stride()[:3]
+    a.k, (a.k_sb, a.k_sh, a.k_sl) = p.k.data_ptr(), p.k.stride()[:3]
+    a.v, (a.v_sb, a.v_sh, a.v_sl) = p.v.data_ptr(), p.v.stride()[:3]
+    if p.bias is not None:
+        a.bias, (a.bias_sb, a.bias_sh, a.bias_sl) = p.bias.data_ptr(), p.bias.stride()[:3]
+    if p.mask is not None:
+        a.mask, a.mask_kind = p.mask.data_ptr(), 1 if p.mask.dtype == torch.bool else 2
+        a.mask_sb, a.mask_sh, a.mask_sl = p.mask.stride()[:3]
+    a.ranges, a.ts, a.order = p.ranges_per_head.data_ptr(), p.ts_per_head.data_ptr(), p.order
+    a.B, a.H, a.Hkv, a.Lq, a.Lk, a.D, a.Dv = p.batch, p.heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.v_dim
+    a.scale, a.causal, a.dropout, a.seed = p.scale, int(p.causal), p.dropout_p, p.seed
+    a.block_q, a.block_k, a.nthreads = block_q, block_k, max(1, torch.get_num_threads())
+    return a
+
+
+def _run(name: str, args: ctypes.Structure) -> None:
+    lib = _STATE.get("lib")
+    if lib is None:
+        raise RuntimeError("the fused MultiMax CPU kernel is not loaded")
+    code = getattr(lib, name)(ctypes.byref(args))
+    if code != 0:
+        raise RuntimeError(f"{name} failed with code {code}")
+
+
+def forward(p: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Lq, H, Dv), stats (2, B, H, Lq))`` in float32; ``stats`` holds each row's maximum of
+    ``σ(s) + mask`` and the log of its sum of exponentials relative to that maximum (see :mod:`.blocked`)."""
+    out = torch.empty(p.batch, p.q_len, p.heads, p.v_dim, dtype=torch.float32)
+    stats = torch.empty(2, p.batch, p.heads, p.q_len, dtype=torch.float32)
+    a = _args(p, BLOCK_Q_FORWARD, BLOCK_K_FORWARD)
+    a.out, (a.o_sb, a.o_sl, a.o_sh) = out.data_ptr(), out.stride()[:3]
+    a.stats = stats.data_ptr()
+    _run("mm_attention_forward", a)
+    return out, stats
+
+
+def backward(
+    p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, need_bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dq, dk, dv, sums (H, 4N) float64, dbias or None)``, gradients in float32 and the layouts of ``p``'s inputs
+    (``dq`` (B, H, Lq, D), ``dk`` (B, Hkv, Lk, D), ``dv`` (B, Hkv, Lk, Dv)); ``sums`` are Σ dZ·a^n then Σ dZ·a^(n-1)
+    per head (see :func:`hf_multimax.kernels.problem.parameter_grads`)."""
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    a = _args(p, BLOCK_Q_BACKWARD, BLOCK_K_BACKWARD)
+    if need_bias_grad:
+        db, dh = p.bias_slots
+        a.dbias_b, a.dbias_h = db, dh
+    a.kv_split = split = _kv_split(p, a, need_bias_grad)
+    # Left uninitialised: each task zeroes the slices it owns (parallel first touch).
+    dq = torch.empty(split, p.batch, p.heads, p.q_len, p.head_dim, dtype=torch.float32)
+    dk = torch.empty(p.batch, p.kv_heads, p.kv_len, p.head_dim, dtype=torch.float32)
+    dv = torch.empty(p.batch, p.kv_heads, p.kv_len, p.v_dim, dtype=torch.float32)
+    pacc = torch.zeros(split, p.batch, p.heads, 4 * p.order, dtype=torch.float64)
+    a.out, (a.o_sb, a.o_sl, a.o_sh) = out.data_ptr(), out.stride()[:3]
+    a.stats = stats.data_ptr()
+    a.dout, (a.do_sb, a.do_sl, a.do_sh) = dout.data_ptr(), dout.stride()[:3]
+    a.dq, a.dk, a.dv, a.pacc = dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), pacc.data_ptr()
+    dbias = None
+    if need_bias_grad:
+        dbias = torch.zeros(a.dbias_b, a.dbias_h, p.q_len, p.kv_len, dtype=torch.float32)
+        a.dbias = dbias.data_ptr()
+    _run("mm_attention_backward", a)
+    return (dq[0] if split == 1 else dq.sum(0)), dk, dv, pacc.sum((0, 1)), dbias
+
+
+def _kv_split(p: AttentionProblem, a: _Args, need_bias_grad: bool) -> int:
+    """How many key-block ranges the backward splits each task into: enough tasks for two per thread. Tasks are
+    (batch, key/value head) pairs, fewer when a broadcast bias gradient needs one owner per slot (see the C++)."""
+    tasks = p.batch * p.kv_heads
+    if need_bias_grad:
+        tasks = (p.batch if a.dbias_b != 1 else 1) * (p.kv_heads if a.dbias_h != 1 else 1)
+    key_blocks = -(-p.kv_len // a.block_k)
+    wanted = -(-2 * a.nthreads // tasks)
+    return max(1, min(key_blocks, wanted))
+
+
+def seglu_cross_entropy_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ranges: torch.Tensor,
+    ts: torch.Tensor,
+    ignore_index: int,
+    grad_scale: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``σ(logits)`` per row for one chunk, in place: ``(loss (rows,), sums (4N,) float64)``.
+
+    ``logits`` (rows, vocab) float32 with unit last stride; with ``need_grad`` it is overwritten by the gradient
+    w.r.t. the logits of ``grad_scale · Σ loss`` (ignored rows: 0), and ``sums`` are the parameter sums of
+    :func:`hf_multimax.kernels.problem.parameter_grads`.
+    """
+    if logits.dtype != torch.float32 or logits.stride(-1) != 1 or logits.device.type != "cpu":
+        raise ValueError("logits must be a float32 CPU tensor with a unit last stride")
+    labels = labels.to(torch.int64).contiguous()
+    order = ranges.shape[-1] // 2
+    r32, t32 = ranges.detach().float().contiguous(), ts.detach().float().contiguous()
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    pacc = torch.zeros(logits.shape[0], 4 * order, dtype=torch.float64)
+    a = _CEArgs()
+    a.logits, a.rows, a.vocab, a.ld = logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0)
+    a.labels, a.ignore_index = labels.data_ptr(), ignore_index
+    a.ranges, a.ts, a.order = r32.data_ptr(), t32.data_ptr(), order
+    a.grad_scale, a.need_grad = grad_scale, int(need_grad)
+    a.loss, a.pacc, a.nthreads = loss.data_ptr(), pacc.data_ptr(), max(1, torch.get_num_threads())
+    _run("mm_seglu_cross_entropy", a)
+    return loss, pacc.sum(0)

@@ -1,0 +1,195 @@
+"""One attention call, normalised once for every backend: float32 operands, broadcast masks, per-head parameters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..functional import seglu_order
+
+__all__ = ["AttentionProblem", "parameter_grads", "draw_seed", "FMIN"]
+
+#: What the reference fills masked scores with (so a fully masked row is uniform, never NaN).
+FMIN = torch.finfo(torch.float32).min
+
+
+def draw_seed() -> int:
+    """A dropout seed from PyTorch's default generator, so ``torch.manual_seed`` makes dropout reproducible."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with a contiguous last dimension (other strides kept: no copy of a transposed view)."""
+    x = x if x.dtype == dtype else x.to(dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _broadcast_view(x: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``x`` broadcast to ``shape`` as a view (stride 0 on broadcast dimensions) with a unit stride on the last."""
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    if x.stride(-1) != 1 and x.shape[-1] > 1 or x.shape[-1] != shape[-1]:
+        x = x.expand(*x.shape[:-1], shape[-1]).contiguous()
+    return x.expand(shape)
+
+
+@dataclass
+class AttentionProblem:
+    """``softmax(σ(scale·Q·Kᵀ + bias) + mask)·V`` with everything a kernel needs, in the compute dtype: float32
+    (as the reference computes σ and SoftMax), or float64 for float64 inputs (so ``gradcheck`` can check the
+    blocked path's hand-written backward).
+
+    Shapes: ``q`` (B, H, Lq, D), ``k`` (B, Hkv, Lk, D), ``v`` (B, Hkv, Lk, Dv) with ``H % Hkv == 0`` (GQA: query head
+    ``h`` reads key/value head ``h // (H // Hkv)``); ``mask`` and ``bias`` are broadcast *views* of shape
+    (B, H, Lq, Lk) (stride 0 where the caller's tensor has size 1, nothing copied).
+    """
+
+    dtype: torch.dtype
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    ranges: torch.Tensor  # float32, caller's shape: (2N,) or (H, 2N)
+    ts: torch.Tensor
+    ranges_per_head: torch.Tensor  # float32 (H, 2N) contiguous
+    ts_per_head: torch.Tensor
+    order: int
+    mask: torch.Tensor | None
+    bias: torch.Tensor | None
+    bias_shape: tuple[int, ...] | None
+    scale: float
+    causal: bool
+    dropout_p: float
+    seed: int
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def v_dim(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def n_rep(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def bias_slots(self) -> tuple[int, int]:
+        """Batch and head extent of the bias gradient buffer: 1 where the bias is shared (broadcast)."""
+        shape = _bias4d_shape(self.bias_shape)
+        return (1 if shape[0] == 1 else self.batch), (1 if shape[1] == 1 else self.heads)
+
+    def reduce_bias_grad(self, dbias: torch.Tensor) -> torch.Tensor:
+        """Sum a (slots..., Lq, Lk) bias gradient down to the caller's bias shape."""
+        return dbias.sum_to_size(_bias4d_shape(self.bias_shape)).reshape(self.bias_shape)
+
+    @classmethod
+    def build(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ranges: torch.Tensor,
+        ts: torch.Tensor,
+        *,
+        scale: float,
+        mask: torch.Tensor | None,
+        causal: bool,
+        bias: torch.Tensor | None,
+        dropout_p: float,
+        seed: int | None = None,
+    ) -> "AttentionProblem":
+        order = seglu_order(ranges, ts)
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(
+                f"query, key and value must be 4-D (batch, heads, seq, dim), got {q.dim()}, {k.dim()}, {v.dim()}"
+            )
+        b, h, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d or h % hkv:
+            raise ValueError(
+                f"incompatible shapes: query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)} (the number "
+                "of query heads must be a multiple of the number of key/value heads)"
+            )
+        if ranges.dim() == 2 and ranges.shape[0] != h:
+            raise ValueError(f"per-head parameters are for {ranges.shape[0]} heads but the query has {h} heads")
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout_p}")
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        r32, t32 = ranges.detach().to(dtype), ts.detach().to(dtype)
+        if mask is not None:
+            mask = _broadcast_view(mask if mask.dtype == torch.bool else mask.detach().to(dtype), (b, h, lq, lk))
+        bias_shape = None
+        if bias is not None:
+            bias_shape = tuple(bias.shape)
+            bias = _broadcast_view(bias.detach().to(dtype), (b, h, lq, lk))
+        return cls(
+            dtype=dtype,
+            q=_rows(q.detach(), dtype),
+            k=_rows(k.detach(), dtype),
+            v=_rows(v.detach(), dtype),
+            ranges=r32,
+            ts=t32,
+            ranges_per_head=r32.expand(h, 2 * order).contiguous(),
+            ts_per_head=t32.expand(h, 2 * order).contiguous(),
+            order=order,
+            mask=mask,
+            bias=bias,
+            bias_shape=bias_shape,
+            scale=float(scale),
+            causal=bool(causal),
+            dropout_p=float(dropout_p),
+            seed=(draw_seed() if dropout_p > 0 else 0) if seed is None else int(seed),
+        )
+
+
+def _bias4d_shape(shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    if shape is None:
+        raise ValueError("no bias")
+    return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+def parameter_grads(
+    problem: AttentionProblem, sums: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``ranges`` and ``ts`` from per-head sums ``(H, 4N)``: ``Σ dZ·a^n`` (2N) then ``Σ dZ·a^(n-1)`` (2N),
+    where ``a`` is ``relu(r - s)`` (low side) or ``relu(s - r)`` (high side) and ``a^0`` the indicator ``a > 0``.
+
+    ``∂σ/∂t = a^n``, ``∂σ/∂r_low = n·t·a^(n-1)``, ``∂σ/∂r_high = -n·t·a^(n-1)``.
+    """
+    n2 = 2 * problem.order
+    sums = sums.double()
+    coef = torch.tensor([(n if side == 0 else -n) for n in range(1, problem.order + 1) for side in (0, 1)],
+                        dtype=torch.float64, device=sums.device)  # fmt: skip
+    grad_ts = sums[:, :n2]
+    grad_ranges = coef * problem.ts_per_head.double() * sums[:, n2:]
+    if problem.ranges.dim() == 1:
+        grad_ts, grad_ranges = grad_ts.sum(0), grad_ranges.sum(0)
+    return grad_ranges.to(dtype), grad_ts.to(dtype)
+
+
+def dropout_threshold(p: float) -> int:
+    """Entries whose 24-bit hash is below this are dropped (``p`` of them)."""
+    return int(math.floor(p * 16777216.0 + 0.5))
