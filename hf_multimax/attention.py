@@ -69,6 +69,31 @@ def apply_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None, causal
     return scores + attention_mask.to(scores.dtype)
 
 
+def dense_scores(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    is_causal: bool | None,
+    position_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The full score matrix of the plain (non-fused) paths. Returns ``(scores, value, causal)``: ``Q·Kᵀ·scale +
+    position_bias`` in at least float32 (as eager's softmax), ``value`` with its key/value heads repeated for GQA, and
+    whether a causal mask must be built here."""
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    causal = resolve_causal(module, attention_mask, is_causal, query.shape[2])
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if position_bias is not None:
+        scores = scores + position_bias.to(scores.dtype)
+    return scores, value, causal
+
+
 def multimax_eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -89,16 +114,7 @@ def multimax_eager_attention_forward(
     """
     check_extras(kwargs)
     modulator = get_modulator(module)
-    n_rep = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    causal = resolve_causal(module, attention_mask, is_causal, query.shape[2])
-
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # at least float32, as eager's softmax
-    if position_bias is not None:
-        scores = scores + position_bias.to(scores.dtype)
+    scores, value, causal = dense_scores(module, query, key, value, attention_mask, scaling, is_causal, position_bias)
     scores = apply_mask(modulator(scores), attention_mask, causal)
     weights = torch.softmax(scores, dim=-1).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)

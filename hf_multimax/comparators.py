@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers import initialization as init
 
-from .attention import check_extras, repeat_kv, resolve_causal
+from .attention import check_extras, dense_scores
 from .integration import ParametricAttention, head_count, placement, register_parametric_attention
 
 logger = logging.getLogger(__name__)
@@ -204,16 +204,8 @@ def sparse_attention(normalize: Callable[[nn.Module, torch.Tensor, torch.Tensor 
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         check_extras(kwargs, name)
-        n_rep = getattr(module, "num_key_value_groups", 1)
-        key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        causal = resolve_causal(module, attention_mask, is_causal, query.shape[2])
         # At least float32: the entmax sorts / bisections and Ev-SoftMax's mean are not bfloat16-safe.
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        if position_bias is not None:
-            scores = scores + position_bias.to(scores.dtype)
+        scores, value, causal = dense_scores(module, query, key, value, attention_mask, scaling, is_causal, position_bias)
         valid, bias = score_mask(attention_mask, causal, scores.shape[-2], scores.shape[-1], scores.device)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
