@@ -230,7 +230,7 @@ def profile_section(args: argparse.Namespace, seq: int) -> str:
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
     return (f"## Profile at {seq} (causal, fwd+bwd)\n\n{table}\n\nThe C++ kernel calls appear as "
             "`MultiMaxAttentionFunction` (forward) and `MultiMaxAttentionFunctionBackward` (backward); every other "
-            "row is PyTorch work around them (gradient buffers, rowsum(dO∘O), casts), three iterations:\n\n"
+            "row is PyTorch work around them (gradient accumulation into .grad, buffers, casts), three iterations:\n\n"
             f"```\n{ops}\n```")
 
 
