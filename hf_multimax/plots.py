@@ -22,7 +22,7 @@ def modulator_curves(model: nn.Module, x: torch.Tensor | None = None) -> dict[st
             grid = x.to(torch.float32)
             if seglu.num_heads is not None:
                 grid = grid.expand(1, seglu.num_heads, 1, -1)
-            y = seglu.float()(grid) if seglu.multimax_ts.dtype != torch.float32 else seglu(grid)
+            y = seglu(grid)  # SegLU casts its parameters to the grid's float32; the model is left as it is
             curves[name] = (x.cpu(), y.reshape(-1, x.numel()).squeeze(0).cpu())
     return curves
 

@@ -173,3 +173,15 @@ def test_analyze_command_on_vision_models(tmp_path, capsys):
 
 def test_hf_multimax_is_imported_for_the_registrations():
     assert "evsoftmax" in hf_multimax.COMPARATORS
+
+
+def test_modulator_curves_leave_a_half_precision_model_untouched():
+    import torch
+
+    from families import BY_NAME
+    from hf_multimax.plots import modulator_curves
+
+    model = BY_NAME["llama"].build("multimax").to(torch.bfloat16)
+    curves = modulator_curves(model)
+    assert len(curves) == 2 and all(y.dtype == torch.float32 for _, y in curves.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
