@@ -30,7 +30,8 @@ from torch import nn
 from .config import FLAG_DEFAULTS, INIT_METHODS
 from .integration import PARAMETRIC_ATTENTION
 from .tasks import TINY_CONFIGS, Task
-from .training import clip_grad_norm_, multimax_parameter_groups
+from .distributed import full_state_dict, launched_without_accelerator, replica_divergence
+from .training import OUTPUT_CLIP_MODES, clip_grad_norm_, multimax_parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +144,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                 "constant_with_warmup"], help="learning-rate schedule")
     group.add_argument("--num_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
-    group.add_argument("--max_grad_norm", type=float, default=1.0,
-                       help="gradient clipping norm (0 disables); output-layer MultiMax is clipped in its own group")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
+    group.add_argument("--multimax_output_clip", default="separate", choices=OUTPUT_CLIP_MODES,
+                       help="how clipping treats output-layer MultiMax, whose gradient sums over the vocabulary: "
+                            "separate (its own group clipped to --max_grad_norm; default), scaled (one global norm in "
+                            "which it counts 1/sqrt(vocabulary size)) or global (plain global clipping)")
     group.add_argument("--checkpointing_steps", default=None,
                        help="save the training state every N steps (an integer) or at the end of every 'epoch'")
     group.add_argument("--resume_from_checkpoint", default=None,
@@ -157,6 +161,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     group.add_argument("--logging_steps", type=int, default=10, help="log the training loss every N steps")
     group.add_argument("--eval_strategy", default="epoch", choices=["epoch", "end"],
                        help="evaluate after every epoch (as the Transformers examples) or only at the end")
+    group.add_argument("--check_replicas", action="store_true",
+                       help="distributed runs: after every optimizer step, check that all processes hold identical "
+                            "MultiMax parameters and stop with an error naming the first that differs")
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
@@ -240,13 +247,22 @@ def setup_logging(accelerator) -> None:
 
 def make_accelerator(args: argparse.Namespace):
     """An ``Accelerator`` with gradient accumulation, optional trackers, and a seedable sampler, so that a resumed run
-    sees the same data order as an uninterrupted one."""
+    sees the same data order as an uninterrupted one.
+
+    Launched as several processes on a machine without an accelerator (``accelerate launch --multi_gpu
+    --num_processes N`` or ``torchrun`` on CPUs), it runs data-parallel on CPU with gloo, where Accelerate alone would
+    run N independent copies.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if args.with_tracking:
         kwargs = {"log_with": args.report_to, "project_dir": args.output_dir}
+    if launched_without_accelerator():
+        kwargs["cpu"] = True
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            logger.warning("Accelerate runs FSDP on GPUs only: these CPU processes train data-parallel (DDP) instead")
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -376,12 +392,38 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    #: ``--check_replicas``: steps checked and the largest difference seen between processes (0.0: identical).
+    replica_checks: int = 0
+    replica_max_abs_diff: float = 0.0
 
     @property
     def time_per_step(self) -> float:
         """Mean seconds per optimizer step, ignoring the first (warm-up) step when there are others."""
         times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
         return sum(times) / len(times) if times else float("nan")
+
+
+def token_weight(accelerator, count: torch.Tensor) -> torch.Tensor:
+    """``count × processes / total count``: the factor that turns this process's mean loss over its ``count`` labelled
+    tokens into its share of the mean over all processes' tokens, once data parallelism averages the gradients.
+
+    Without it each process weighs its own mean equally, and a padded batch (translation) trains differently on two
+    processes than on one; blocks of equal length (language modelling) give exactly 1.
+    """
+    count = count.detach().to(accelerator.device, torch.float32).reshape(())
+    total = accelerator.reduce(count.clone(), reduction="sum")
+    return count * accelerator.num_processes / total.clamp(min=1)
+
+
+def check_replicas(accelerator, model: nn.Module, result: TrainResult) -> None:
+    """``--check_replicas``: stop when the processes' MultiMax parameters no longer agree after a step (data
+    parallelism keeps every replica identical; a difference means the gradients were not synchronised)."""
+    diff, name = replica_divergence(accelerator, model)
+    result.replica_checks += 1
+    result.replica_max_abs_diff = max(result.replica_max_abs_diff, diff)
+    if diff > 0:
+        raise RuntimeError(f"after step {result.completed_steps} the processes disagree on {name} (largest "
+                           f"difference {diff:.3g}): its gradients were not synchronised across processes")
 
 
 def find_checkpoint(args: argparse.Namespace) -> Path:
@@ -416,14 +458,19 @@ def train(
     train_dataloader,
     args: argparse.Namespace,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    count_labels: Callable[[dict], torch.Tensor] | None = None,
 ) -> TrainResult:
     """The loop of the ``run_*_no_trainer.py`` scripts: prepared objects in, :class:`TrainResult` out.
 
     Steps ``args.max_train_steps`` optimizer steps with gradient accumulation, MultiMax-aware clipping
     (:func:`~hf_multimax.training.clip_grad_norm_`), a tqdm bar on the local main process, checkpoints every
     ``args.checkpointing_steps`` steps or epoch, and resumption from ``args.resume_from_checkpoint`` (skipping the
-    batches already seen). ``evaluate()`` runs after every epoch; its last result is ``TrainResult.metrics``.
+    batches already seen). ``evaluate()`` runs after every epoch; its last result is ``TrainResult.metrics``. With
+    ``args.check_replicas``, processes are checked to hold the same MultiMax parameters after every step.
+    ``count_labels(batch)`` (the number of labelled positions) makes the loss of several processes the mean over every
+    labelled token of the global batch (see :func:`token_weight`), as one process with that batch would compute it.
     """
+    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -451,6 +498,10 @@ def train(
     logger.info("  Num epochs = %d, total optimization steps = %d", num_epochs, args.max_train_steps)
     logger.info("  Batch size per device = %d, total (parallel, distributed, accumulated) = %d",
                 args.per_device_train_batch_size, total_batch)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and args.max_grad_norm:
+        logger.warning("DeepSpeed clips gradients itself (its `gradient_clipping` setting, one global norm): "
+                       "--max_grad_norm and --multimax_output_clip do not apply")
     progress = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process, desc="Training")
     progress.update(result.completed_steps)
 
@@ -465,12 +516,15 @@ def train(
         for batch in active:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                if count_labels is not None and accelerator.num_processes > 1:
+                    loss = loss * token_weight(accelerator, count_labels(batch))
                 step_loss += loss.detach().float()
                 micro_batches += 1
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
+                if accelerator.sync_gradients and args.max_grad_norm and not deepspeed:
                     accelerator.unscale_gradients()
-                    clip_grad_norm_(model, args.max_grad_norm)
+                    clip_grad_norm_(model, args.max_grad_norm,
+                                    output_clip=getattr(args, "multimax_output_clip", "separate"))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -479,6 +533,8 @@ def train(
             mean_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean").item()
             result.completed_steps += 1
             result.losses.append((result.completed_steps, mean_loss))
+            if getattr(args, "check_replicas", False):
+                check_replicas(accelerator, model, result)
             result.step_times.append(time.perf_counter() - started)
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.3f}")
@@ -510,11 +566,13 @@ def train(
 
 
 def save_model(accelerator, model: nn.Module, preprocessor: Any, args: argparse.Namespace, results: dict) -> None:
-    """``save_pretrained`` of the unwrapped model (the adapter, with MultiMax parameters, under LoRA), the tokenizer
-    or image processor, and ``all_results.json``."""
+    """``save_pretrained`` of the unwrapped model (the adapter, with MultiMax parameters, under LoRA; gathered whole
+    under FSDP), the tokenizer or image processor, and ``all_results.json``."""
     accelerator.wait_for_everyone()
+    state_dict = full_state_dict(accelerator, model)  # gathered from the shards under FSDP / ZeRO-3 (all processes)
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=state_dict)
     if accelerator.is_main_process:
         if preprocessor is not None:
             preprocessor.save_pretrained(args.output_dir)
@@ -616,7 +674,8 @@ def run(task: Task, args: argparse.Namespace) -> dict:
 
     # 6. Train, evaluating after every epoch.
     result = train(accelerator, model, optimizer, scheduler, train_dataloader, args,
-                   evaluate=lambda: task.evaluate(accelerator, model, eval_dataloader, args, preprocessor))
+                   evaluate=lambda: task.evaluate(accelerator, model, eval_dataloader, args, preprocessor),
+                   count_labels=lambda batch: task.label_count(batch["labels"]))
     if not result.metrics:  # resumed after the last epoch: nothing ran
         result.metrics = task.evaluate(accelerator, model, eval_dataloader, args, preprocessor)
     if args.with_tracking:
@@ -633,7 +692,11 @@ def run(task: Task, args: argparse.Namespace) -> dict:
         "steps": result.completed_steps,
         "epochs": result.epochs,
         "output_dir": args.output_dir,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).rpartition(".")[2],
     }
+    if getattr(args, "check_replicas", False):
+        results["replica_check"] = {"steps": result.replica_checks, "max_abs_diff": result.replica_max_abs_diff}
     logger.info("%s: %s", task.metric, result.metrics.get(task.metric))
 
     # 7. Save (and push).

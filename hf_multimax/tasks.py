@@ -93,6 +93,8 @@ class Task:
     validation_split_percentage: ClassVar[int] = 5
     #: learning rate, batch size and epochs when training the tiny model from scratch.
     scratch_defaults: ClassVar[dict[str, Any]] = {}
+    #: True when position t predicts label t+1 (causal LMs shift the labels inside the model).
+    shift_labels: ClassVar[bool] = False
 
     # -- arguments ---------------------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -140,16 +142,38 @@ class Task:
         """``{"eval_loss": ..., self.metric: ...}`` over the whole evaluation set (gathered across processes)."""
         raise NotImplementedError
 
+    def loss_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example: the summed cross-entropy over its labelled positions and their number. Gathered with
+        ``gather_for_metrics`` (which drops the examples repeated to even out the last batch across processes) they
+        give the exact mean loss of the evaluation set, whatever the batch size and number of processes."""
+        logits = logits.float()
+        if self.shift_labels:
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="none").view(labels.shape)
+        if labels.dim() == 1:  # one label per example (classification)
+            return losses, (labels != -100).float()
+        return losses.sum(-1), (labels != -100).sum(-1).float()
+
+    def label_count(self, labels: torch.Tensor) -> torch.Tensor:
+        """Number of labelled positions in a batch (the tokens or examples its mean loss is taken over)."""
+        return (labels[..., 1:] if self.shift_labels else labels).ne(-100).sum()
+
     @staticmethod
-    def eval_loss(accelerator, model: nn.Module, dataloader) -> float:
-        losses = []
+    def mean_loss(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """The token mean of the gathered :meth:`loss_terms`."""
+        if not terms:
+            return float("nan")
+        return (torch.cat([t[0] for t in terms]).sum() / torch.cat([t[1] for t in terms]).sum().clamp(min=1)).item()
+
+    def eval_loss(self, accelerator, model: nn.Module, dataloader) -> float:
+        """Mean cross-entropy over every labelled position of the evaluation set (gathered across processes)."""
+        terms = []
         model.eval()
         with torch.no_grad():
             for batch in dataloader:
-                loss = model(**batch).loss
-                size = next(iter(batch.values())).shape[0]
-                losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(size)))
-        return torch.cat(losses).mean().item() if losses else float("nan")
+                terms.append(accelerator.gather_for_metrics(self.loss_terms(model(**batch).logits, batch["labels"])))
+        return self.mean_loss(terms)
 
 
 class CausalLMTask(Task):
@@ -164,6 +188,7 @@ class CausalLMTask(Task):
     peft_task_type = "CAUSAL_LM"
     pipeline_tag = "text-generation"
     default_dataset = "CPython pydoc_data.topics (PSF licence)"
+    shift_labels = True
     scratch_defaults = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "num_train_epochs": 3}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -324,8 +349,7 @@ class TranslationTask(Task):
         model.eval()
         with torch.no_grad():
             for batch in dataloader:
-                size = batch["input_ids"].shape[0]
-                losses.append(accelerator.gather_for_metrics(model(**batch).loss.detach().float().repeat(size)))
+                losses.append(accelerator.gather_for_metrics(self.loss_terms(model(**batch).logits, batch["labels"])))
                 generated = unwrapped.generate(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     num_beams=args.num_beams, max_new_tokens=args.max_target_length,
@@ -340,7 +364,7 @@ class TranslationTask(Task):
         # chrF as well: on short strings (many of the embedded pairs are one or two words) BLEU's 4-gram precision is
         # often zero, while character n-grams still tell a near miss from a wrong answer.
         chrf = sacrebleu.corpus_chrf(predictions, [references]).score
-        return {"eval_loss": torch.cat(losses).mean().item(), "bleu": bleu, "chrf": chrf}
+        return {"eval_loss": self.mean_loss(losses), "bleu": bleu, "chrf": chrf}
 
 
 class _Columns:
@@ -439,12 +463,11 @@ class ImageClassificationTask(Task):
         with torch.no_grad():
             for batch in dataloader:
                 outputs = model(**batch)
-                size = batch["labels"].shape[0]
-                losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(size)))
+                losses.append(accelerator.gather_for_metrics(self.loss_terms(outputs.logits, batch["labels"])))
                 predictions, labels = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
                 correct += (predictions == labels).sum().item()
                 total += labels.numel()
-        return {"eval_loss": torch.cat(losses).mean().item(), "accuracy": correct / max(total, 1)}
+        return {"eval_loss": self.mean_loss(losses), "accuracy": correct / max(total, 1)}
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (CausalLMTask(), TranslationTask(), ImageClassificationTask())}

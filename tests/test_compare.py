@@ -13,13 +13,7 @@ from hf_multimax import cli
 from hf_multimax.compare import format_table, plot_loss_curves
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_compare_vit_end_to_end(tmp_path, capsys):

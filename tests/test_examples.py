@@ -15,25 +15,9 @@ from safetensors.torch import load_file
 
 import hf_multimax
 from hf_multimax import data
+from scripts import load_example
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each script run builds its own Accelerator, as separate processes would."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 #: script, flags that keep a run to a few seconds, auto class that reloads the result, metric reported.
@@ -57,7 +41,7 @@ def reload(auto_class: str, path: Path):
 def test_script_runs_on_embedded_default(script, tmp_path):
     fast, auto_class, metric = SCRIPTS[script]
     out = tmp_path / "out"
-    results = load_script(script).main(["--output_dir", str(out), "--max_train_steps", "3", "--seed", "1", *fast])
+    results = load_example(script).main(["--output_dir", str(out), "--max_train_steps", "3", "--seed", "1", *fast])
     assert results["steps"] == 3 and len(results["losses"]) == 3
     assert all(np.isfinite(loss) for _, loss in results["losses"])
     assert np.isfinite(results["metrics"][metric]) and np.isfinite(results["metrics"]["eval_loss"])
@@ -74,7 +58,7 @@ def test_script_runs_on_embedded_default(script, tmp_path):
 
 def test_training_reduces_the_loss(tmp_path):
     """Not just running: 60 steps of the tiny MultiMax ViT on the digits learn something (about 0.58 accuracy)."""
-    results = load_script("run_image_classification").main(
+    results = load_example("run_image_classification").main(
         ["--max_train_steps", "60", "--eval_strategy", "end", "--max_eval_samples", "128", "--lr_scheduler_type",
          "constant"])
     losses = [loss for _, loss in results["losses"]]
@@ -88,7 +72,7 @@ def test_clm_local_text_file(tmp_path):
     validation = tmp_path / "validation.txt"
     validation.write_text("\n".join(data.lm_texts()[400:460]))
     out = tmp_path / "out"
-    results = load_script("run_clm").main(
+    results = load_example("run_clm").main(
         ["--train_file", str(train), "--validation_file", str(validation), "--output_dir", str(out),
          "--max_train_steps", "2", "--block_size", "32", "--attn_implementation", "multimax_eager",
          "--multimax_order", "3", "--multimax_per_head", "true"])
@@ -114,7 +98,7 @@ def test_translation_local_files(tmp_path, fmt):
                 writer = csv.writer(f)
                 writer.writerow(["en", "de"])
                 writer.writerows(rows)
-    results = load_script("run_translation").main(
+    results = load_example("run_translation").main(
         ["--train_file", str(train), "--validation_file", str(validation), "--max_train_steps", "2",
          "--num_beams", "2", "--max_target_length", "8", "--attn_implementation", "sdpa"])
     assert results["attn_implementation"] == "sdpa" and np.isfinite(results["metrics"]["bleu"])
@@ -130,7 +114,7 @@ def test_image_classification_image_folder(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray((images[i] * 255).astype(np.uint8), mode="L").save(folder / f"{i}.png")
     out = tmp_path / "out"
-    results = load_script("run_image_classification").main(
+    results = load_example("run_image_classification").main(
         ["--train_file", str(tmp_path / "train"), "--validation_file", str(tmp_path / "validation"),
          "--output_dir", str(out), "--max_train_steps", "2", "--per_device_train_batch_size", "16"])
     assert 0.0 <= results["metrics"]["accuracy"] <= 1.0
@@ -140,7 +124,7 @@ def test_image_classification_image_folder(tmp_path):
 
 def test_checkpoint_resume_continues_exactly(tmp_path):
     """A run resumed from step_2 reproduces the losses and weights of an uninterrupted run."""
-    script = load_script("run_clm")
+    script = load_example("run_clm")
     common = ["--max_train_samples", "300", "--block_size", "32", "--max_eval_samples", "20", "--max_train_steps",
               "4", "--per_device_train_batch_size", "4", "--multimax_init", "paper", "--eval_strategy", "end"]
     full = script.main([*common, "--output_dir", str(tmp_path / "full"), "--checkpointing_steps", "2"])
@@ -159,7 +143,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError):
-        load_script("run_clm").main(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
+        load_example("run_clm").main(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
                                      "--max_train_samples", "100", "--block_size", "32", "--max_train_steps", "1"])
 
 
@@ -168,7 +152,7 @@ def test_lora_script_saves_multimax_with_the_adapter(tmp_path):
     from transformers import AutoModelForImageClassification
 
     out = tmp_path / "lora"
-    load_script("run_image_classification").main(
+    load_example("run_image_classification").main(
         ["--lora", "--output_dir", str(out), "--max_train_steps", "5", "--multimax_init", "paper",
          "--max_train_samples", "256", "--max_eval_samples", "32", "--learning_rate", "1e-2"])
     adapter = load_file(out / "adapter_model.safetensors")
@@ -187,7 +171,7 @@ def test_lora_script_saves_multimax_with_the_adapter(tmp_path):
 
 def test_push_to_hub_dry_run_writes_the_folder(tmp_path):
     out = tmp_path / "pushed"
-    load_script("run_image_classification").main(
+    load_example("run_image_classification").main(
         ["--output_dir", str(out), "--max_train_steps", "1", "--max_train_samples", "64", "--max_eval_samples", "16",
          "--push_to_hub", "--hub_dry_run", "--hub_model_id", "someone/tiny-vit-multimax"])
     assert (out / "model.safetensors").is_file()
@@ -207,7 +191,7 @@ def test_every_flag_has_help():
 
 
 def test_bad_flags_fail_early():
-    script = load_script("run_clm")
+    script = load_example("run_clm")
     with pytest.raises(SystemExit):
         script.main(["--multimax_init", "zeros"])
     with pytest.raises(ValueError, match="checkpointing_steps"):
@@ -261,3 +245,43 @@ def test_sacrebleu_works_offline():
     predictions, references = ["hello there world", "a b c d e"], [["hello world there"], ["a b c d f"]]
     expected = sacrebleu.corpus_bleu(predictions, [[r[0] for r in references]]).score
     assert metric.compute(predictions=predictions, references=references)["score"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("task_name", "family", "output"), [("lm", "llama", False), ("lm", "gpt2", True),
+                                                             ("translation", "t5", False), ("translation", "bart", True)])
+def test_eval_loss_terms_give_the_models_loss(task_name, family, output):
+    """The per-example loss sums the scripts gather across processes add up to the model's own mean loss (padded
+    labels ignored; output-layer MultiMax included), so the evaluation loss does not depend on the batching."""
+    from families import BY_NAME
+
+    from hf_multimax.tasks import get_task
+
+    task = get_task(task_name)
+    model = BY_NAME[family].build("multimax", multimax_output=output, multimax_init="paper")
+    batch = BY_NAME[family].inputs(batch=3, padding="right")
+    labels = batch.get("decoder_input_ids", batch["input_ids"]).clone()
+    labels[0, -2:] = -100
+    batch.pop("decoder_input_ids", None)
+    with torch.no_grad():
+        outputs = model(**batch, labels=labels)
+        sums, counts = task.loss_terms(outputs.logits, labels)
+        assert sums.shape == counts.shape == (3,)
+        torch.testing.assert_close(sums.sum() / counts.sum(), outputs.loss, atol=1e-5, rtol=1e-5)
+        # Split into batches of one: the gathered terms give the same mean, unlike a mean of batch means.
+        parts = [task.loss_terms(model(**{k: v[i:i + 1] for k, v in batch.items()}, labels=labels[i:i + 1]).logits,
+                                 labels[i:i + 1]) for i in range(3)]
+    torch.testing.assert_close(torch.tensor(task.mean_loss(parts)), outputs.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_loss_terms_for_classification():
+    from families import BY_NAME
+
+    from hf_multimax.tasks import get_task
+
+    model = BY_NAME["vit"].build("multimax", multimax_output=True)
+    labels = torch.tensor([1, 0, -100])
+    with torch.no_grad():
+        outputs = model(**BY_NAME["vit"].inputs(batch=3), labels=labels)
+    sums, counts = get_task("vit").loss_terms(outputs.logits, labels)
+    assert counts.tolist() == [1.0, 1.0, 0.0]
+    torch.testing.assert_close(sums.sum() / counts.sum(), outputs.loss, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,11 @@
-"""Optimizer habits: MultiMax parameters without weight decay (our groups and Trainer's), separate clipping."""
+"""Optimizer habits: MultiMax parameters without weight decay (our groups and Trainer's), clipping of output-layer
+MultiMax (separate group, 1/sqrt(V) scaling, or global)."""
 
+import math
+
+import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers import Trainer, TrainingArguments
 
 import hf_multimax
@@ -65,6 +70,78 @@ def test_clip_grad_norm_clips_output_multimax_on_its_own():
     torch.testing.assert_close(head.norm(), torch.tensor(1.0), atol=1e-4, rtol=0)
     body = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n not in names])
     torch.testing.assert_close(body.norm(), torch.tensor(1.0), atol=1e-4, rtol=0)
+
+
+def output_multimax_llama(vocab_size: int, logit_scale: float) -> LlamaForCausalLM:
+    """A tiny LM with output MultiMax whose logits are ``logit_scale`` times larger than at initialisation (a trained
+    LM's logits spread over tens of units), with gradients from one real batch."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         multimax_init="paper", multimax_output=True)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="multimax")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    ids = torch.randint(0, vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return model
+
+
+def grads_by_group(model) -> tuple[torch.Tensor, torch.Tensor]:
+    names = set(output_multimax_parameter_names(model))
+    flat = lambda keep: torch.cat([p.grad.flatten() for n, p in model.named_parameters()  # noqa: E731
+                                   if p.grad is not None and keep(n in names)])
+    return flat(lambda is_out: not is_out), flat(lambda is_out: is_out)
+
+
+@pytest.mark.parametrize("mode", ["separate", "scaled", "global"])
+def test_output_clip_modes_on_real_gradients(mode):
+    """With large logits the output σ gradient outweighs the whole rest of the model; global clipping then shrinks
+    every other update by that factor, while the two remedies leave it (nearly) as clipping the rest alone would."""
+    max_norm, vocab = 1.0, 512
+    model = output_multimax_llama(vocab, logit_scale=30)
+    main, out = grads_by_group(model)
+    main_norm, out_norm = main.norm(), out.norm()
+    assert out_norm > 3 * main_norm  # the situation the remedies are for
+
+    returned = hf_multimax.clip_grad_norm_(model, max_norm, output_clip=mode)
+    main_after, out_after = grads_by_group(model)
+    main_factor = (main_after.norm() / main_norm).item()
+    alone = min(1.0, max_norm / main_norm.item())  # what clipping the rest of the model alone would do
+    if mode == "separate":
+        assert returned.item() == pytest.approx(main_norm.item(), rel=1e-5)
+        assert main_factor == pytest.approx(alone, rel=1e-4)
+        assert out_after.norm().item() == pytest.approx(min(max_norm, out_norm.item()), rel=1e-4)
+    elif mode == "scaled":
+        expected = math.sqrt(main_norm.item() ** 2 + out_norm.item() ** 2 / vocab)
+        assert returned.item() == pytest.approx(expected, rel=1e-5)
+        assert main_factor == pytest.approx(max_norm / expected, rel=1e-4)
+        assert main_factor > 0.5 * alone  # the σ gradient no longer dominates the global norm
+    else:
+        expected = math.sqrt(main_norm.item() ** 2 + out_norm.item() ** 2)
+        assert returned.item() == pytest.approx(expected, rel=1e-5)
+        assert main_factor == pytest.approx(max_norm / expected, rel=1e-4)
+        assert main_factor < alone / 3  # every other update shrunk by the σ gradient
+    # One factor per group: directions are kept.
+    torch.testing.assert_close(main_after / main_after.norm(), main / main_norm)
+
+
+@pytest.mark.parametrize("mode", ["separate", "scaled", "global"])
+def test_output_clip_without_output_multimax_is_the_global_clip(mode):
+    model = BY_NAME["llama"].build("multimax")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    count = sum(p.numel() for p in model.parameters())
+    norm = hf_multimax.clip_grad_norm_(model, 1.0, output_clip=mode)
+    torch.testing.assert_close(norm, torch.tensor(float(count) ** 0.5))
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    torch.testing.assert_close(total, torch.tensor(1.0), atol=1e-4, rtol=0)
+
+
+def test_output_clip_rejects_unknown_mode():
+    model = BY_NAME["llama"].build("multimax", multimax_output=True)
+    with pytest.raises(ValueError, match=r"`output_clip` must be one of \('separate', 'scaled', 'global'\), got 'sqrt'"):
+        hf_multimax.clip_grad_norm_(model, 1.0, output_clip="sqrt")
 
 
 def test_other_learnable_attention_parameters_skip_weight_decay_too(tmp_path):
