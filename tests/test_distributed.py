@@ -7,6 +7,7 @@
 * FSDP2 through Accelerate's FSDP plugin (tests/distributed/fsdp_worker.py: Accelerate enables the plugin on GPUs
   only, the worker switches it on for CPU processes), same comparison.
 * ``clip_grad_norm_`` on FSDP1 and FSDP2 gradient shards against a single-process reference.
+* On a machine with CUDA only: the shipped FSDP1 and FSDP2 Accelerate configs with Accelerate's own launcher.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, script: Path, *args: str) -> subprocess.CompletedProcess:
+def launch(launcher: str, script: Path, *args: str, config_file: Path | None = None,
+           num_processes: int = 2) -> subprocess.CompletedProcess:
     """Run ``script`` as two processes with ``accelerate launch`` or ``torchrun``; fail with its output on error.
 
     The rendezvous port is picked free just before the launch; if another program grabs it in between, the launch is
@@ -64,12 +66,15 @@ def launch(launcher: str, script: Path, *args: str) -> subprocess.CompletedProce
     for attempt in range(2):
         port = str(free_port())
         if launcher == "accelerate":
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            where = ["--config_file", str(config_file)] if config_file else ["--multi_gpu", "--num_machines", "1"]
+            command = [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes",
+                       str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
                        "--num_cpu_threads_per_process", "1", "--main_process_port", port]
         else:
             command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if config_file is None and torch.cuda.is_available():  # CPU processes over gloo there too; on a machine
+            env["ACCELERATE_USE_CPU"] = "true"  # without GPUs the scripts' own detection has to make them so
         done = subprocess.run([*command, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
         if done.returncode == 0 or "address already in use" not in done.stderr.lower() or attempt:
@@ -79,12 +84,19 @@ def launch(launcher: str, script: Path, *args: str) -> subprocess.CompletedProce
 
 
 def run_single_process(script: str, out: Path) -> Path:
-    """The reference: one process, batch 8 (= 2 processes × 4)."""
+    """The reference: one process on the CPU, batch 8 (= 2 processes × 4)."""
+    previous = os.environ.get("ACCELERATE_USE_CPU")
+    if torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     try:
         load_example(script).main(["--output_dir", str(out), "--per_device_train_batch_size", "8",
                                    *COMMON_ARGS, *SCRIPT_ARGS[script]])
     finally:
         reset_accelerate_state()
+        if previous is None:
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = previous
     return out
 
 
@@ -157,6 +169,23 @@ def test_fsdp2_run_clm_matches_single_process_and_resumes(single_process_clm, tm
     assert set(resumed) == set(uninterrupted)
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Accelerate enables its FSDP plugin on GPUs only")
+@pytest.mark.parametrize("config", ["fsdp1", "fsdp2"])
+def test_fsdp_plugin_on_gpus(config, single_process_clm, tmp_path):
+    """The shipped FSDP configs with Accelerate's own launcher on up to two GPUs (one process per GPU), float32."""
+    processes = min(2, torch.cuda.device_count())
+    out = tmp_path / config
+    launch("accelerate", ROOT / "examples" / "run_clm.py", "--output_dir", str(out),
+           "--per_device_train_batch_size", str(8 // processes), "--check_replicas", *CLM_ARGS,
+           config_file=ROOT / "examples" / "accelerate_configs" / f"{config}.yaml", num_processes=processes)
+    got = json.loads((out / "all_results.json").read_text())
+    assert got["distributed_type"] == "FSDP" and got["num_processes"] == processes
+    assert got["replica_check"] == {"steps": 4, "max_abs_diff": 0.0}
+    a, b = load_file(out / "model.safetensors"), load_file(single_process_clm / "model.safetensors")
+    for key in b:  # GPU kernels against the CPU reference run: float32 round-off, amplified by 4 AdamW steps
+        torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=0, msg=key)
 
 
 def test_accelerate_configs_are_valid():
