@@ -71,7 +71,8 @@ def launch(launcher: str, script: Path, *args: str, config_file: Path | None = N
                        str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
                        "--num_cpu_threads_per_process", "1", "--main_process_port", port]
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+                       "--master_port", port]
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         if config_file is None and torch.cuda.is_available():  # CPU processes over gloo there too; on a machine
             env["ACCELERATE_USE_CPU"] = "true"  # without GPUs the scripts' own detection has to make them so
@@ -220,15 +221,16 @@ def test_trainer_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
 
 
-def test_clip_grad_norm_on_fsdp_shards(tmp_path):
+@pytest.mark.parametrize("processes", [2, 3])  # 3: uneven shards of the 4 values per layer
+def test_clip_grad_norm_on_fsdp_shards(processes, tmp_path):
     report_path = tmp_path / "clip.json"
-    launch("torchrun", WORKERS / "clip_worker.py", str(report_path))
+    launch("torchrun", WORKERS / "clip_worker.py", str(report_path), num_processes=processes)
     report = json.loads(report_path.read_text())
     assert "use_orig_params=False" in report.pop("flat_params_error")
     assert sorted(report) == sorted(f"fsdp{v}_{m}" for v in (1, 2) for m in ("separate", "scaled", "global"))
     for name, row in report.items():
         assert row["norm_rel_diff"] < 1e-5, name
-        assert row["grad_max_abs_diff"] < 1e-6, name
+        assert row["grad_max_abs_diff"] < 1e-5, name
         assert row["multimax_grads_compared_all_ranks"] > 0, name
     # The modes differ (the output σ gradient dominates the global norm in this setup), so each was really tested.
     assert report["fsdp2_global"]["norm"] > 2 * report["fsdp2_separate"]["norm"]

@@ -79,6 +79,9 @@ def main() -> None:
             grad_diff = max((got[n] - expected[n]).abs().max().item() for n in compared) if compared else 0.0
             counts = torch.tensor([len(compared)])
             dist.all_reduce(counts)
+            worst = torch.tensor([grad_diff])
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # over every rank's whole gradients
+            grad_diff = worst.item()
             report[f"fsdp{version}_{mode}"] = {
                 "norm": float(norm), "expected_norm": float(expected_norm),
                 "norm_rel_diff": abs(float(norm) - float(expected_norm)) / float(expected_norm),
