@@ -14,6 +14,8 @@ hf_multimax``):
 * ``PreTrainedModel._initialize_weights``: initialises ``SegLU`` modules (models' own ``_init_weights`` do not know
   them); ``_adjust_missing_and_unexpected_keys``: refuses MultiMax parameters of the wrong shape and warns when a
   checkpoint's MultiMax parameters would be dropped.
+* ``transformers.Trainer``: MultiMax parameters stay out of weight decay, and output-layer MultiMax is clipped as
+  :func:`hf_multimax.training.clip_grad_norm_` does (see :mod:`hf_multimax.training`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .attention import multimax_attention_forward, multimax_eager_attention_forward
 from .config import FLAG_DEFAULTS, MultiMaxSettings, flag_property
 from .modules import SegLU
-from .training import patch_trainer_weight_decay
+from .training import patch_trainer_clipping, patch_trainer_weight_decay
 
 logger = logging.getLogger(__name__)
 
@@ -377,4 +379,5 @@ def register() -> None:
         PreTrainedModel._adjust_missing_and_unexpected_keys
     )
     patch_trainer_weight_decay()
+    patch_trainer_clipping()
     _REGISTERED = True

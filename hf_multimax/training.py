@@ -21,6 +21,8 @@ __all__ = [
     "clip_grad_norm_",
     "OUTPUT_CLIP_MODES",
     "patch_trainer_weight_decay",
+    "patch_trainer_clipping",
+    "set_trainer_output_clip",
 ]
 
 NO_DECAY_PATTERNS = ("bias", "norm", "layernorm", "rmsnorm")
@@ -249,3 +251,43 @@ def patch_trainer_weight_decay() -> None:
 
     get_decay_parameter_names._multimax_patched = True
     Trainer.get_decay_parameter_names = get_decay_parameter_names
+
+
+_TRAINER_OUTPUT_CLIP = {"mode": "separate"}
+
+
+def set_trainer_output_clip(mode: str) -> None:
+    """How ``transformers.Trainer`` clips models with output-layer MultiMax: one of :data:`OUTPUT_CLIP_MODES`
+    (default ``"separate"``; ``"global"`` restores Trainer's own clipping). See :func:`clip_grad_norm_`."""
+    if mode not in OUTPUT_CLIP_MODES:
+        raise ValueError(f"`mode` must be one of {OUTPUT_CLIP_MODES}, got {mode!r}")
+    _TRAINER_OUTPUT_CLIP["mode"] = mode
+
+
+def patch_trainer_clipping() -> None:
+    """Make ``transformers.Trainer`` clip models with output-layer MultiMax through :func:`clip_grad_norm_` (mode set
+    by :func:`set_trainer_output_clip`). Trainer's ``grad_norm`` log is then the value that function returns. Models
+    without output-layer MultiMax, DeepSpeed, XLA and SageMaker runs keep Trainer's own clipping."""
+    from transformers import Trainer
+
+    original = getattr(Trainer, "_clip_grad_norm", None)
+    if original is None or getattr(original, "_multimax_patched", False):
+        return
+
+    @functools.wraps(original)
+    def _clip_grad_norm(self, model: nn.Module):
+        from accelerate.utils import DistributedType
+
+        mode = _TRAINER_OUTPUT_CLIP["mode"]
+        if (
+            mode == "global"
+            or self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA)
+            or getattr(self.optimizer, "clip_master_grads", None) is not None  # SageMaker model parallelism
+            or not output_multimax_parameter_names(model)
+        ):
+            return original(self, model)
+        self.accelerator.unscale_gradients()  # what accelerator.clip_grad_norm_ does first (fp16 loss scaling)
+        return clip_grad_norm_(model, self.args.max_grad_norm, output_clip=mode)
+
+    _clip_grad_norm._multimax_patched = True
+    Trainer._clip_grad_norm = _clip_grad_norm

@@ -72,9 +72,9 @@ def test_clip_grad_norm_clips_output_multimax_on_its_own():
     torch.testing.assert_close(body.norm(), torch.tensor(1.0), atol=1e-4, rtol=0)
 
 
-def output_multimax_llama(vocab_size: int, logit_scale: float) -> LlamaForCausalLM:
+def output_multimax_llama(vocab_size: int, logit_scale: float, backward: bool = True) -> LlamaForCausalLM:
     """A tiny LM with output MultiMax whose logits are ``logit_scale`` times larger than at initialisation (a trained
-    LM's logits spread over tens of units), with gradients from one real batch."""
+    LM's logits spread over tens of units), with gradients from one real batch (``backward``)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
@@ -82,8 +82,9 @@ def output_multimax_llama(vocab_size: int, logit_scale: float) -> LlamaForCausal
     model = LlamaForCausalLM._from_config(config, attn_implementation="multimax")
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
-    ids = torch.randint(0, vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
-    model(input_ids=ids, labels=ids).loss.backward()
+    if backward:
+        ids = torch.randint(0, vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
     return model
 
 
@@ -138,10 +139,45 @@ def test_output_clip_without_output_multimax_is_the_global_clip(mode):
     torch.testing.assert_close(total, torch.tensor(1.0), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["separate", "global"])
+def test_trainer_clips_output_multimax_like_clip_grad_norm(mode, tmp_path):
+    """Trainer's clipping goes through clip_grad_norm_ for models with output-layer MultiMax: with "separate" each
+    group ends at max_grad_norm, with "global" (Trainer's own) the σ gradient squeezes the rest."""
+    from transformers import TrainerCallback
+
+    from hf_multimax.training import set_trainer_output_clip
+
+    class Record(TrainerCallback):
+        norms = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.norms.append(tuple(g.norm().item() for g in grads_by_group(model)))
+
+    model = output_multimax_llama(512, logit_scale=30, backward=False)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 512, (4, 32))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, max_grad_norm=1.0,
+                             report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3)
+    record = Record()
+    set_trainer_output_clip(mode)
+    try:
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[record]).train()
+    finally:
+        set_trainer_output_clip("separate")
+    (main, out), = record.norms
+    if mode == "separate":
+        assert main == pytest.approx(1.0, rel=1e-3) and out == pytest.approx(1.0, rel=1e-3)
+    else:
+        assert math.hypot(main, out) == pytest.approx(1.0, rel=1e-3) and main < 0.5
+
+
 def test_output_clip_rejects_unknown_mode():
     model = BY_NAME["llama"].build("multimax", multimax_output=True)
     with pytest.raises(ValueError, match=r"`output_clip` must be one of \('separate', 'scaled', 'global'\), got 'sqrt'"):
         hf_multimax.clip_grad_norm_(model, 1.0, output_clip="sqrt")
+    from hf_multimax.training import set_trainer_output_clip
+
+    with pytest.raises(ValueError, match=r"`mode` must be one of .*, got 'none'"):
+        set_trainer_output_clip("none")
 
 
 def test_other_learnable_attention_parameters_skip_weight_decay_too(tmp_path):
