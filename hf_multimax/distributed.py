@@ -8,15 +8,12 @@ start a gloo process group instead.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 from torch import nn
 
 from .training import multimax_parameter_names
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["launched_without_accelerator", "replica_divergence", "is_sharded", "full_state_dict"]
 

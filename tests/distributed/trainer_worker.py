@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-import hf_multimax
+import hf_multimax  # noqa: F401  (registers "multimax")
 from hf_multimax.distributed import launched_without_accelerator
 from hf_multimax.training import multimax_parameter_names
 
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        report = {"world_size": training_args.world_size, "replica_diffs": check.diffs, "losses": losses,
-                  "hf_multimax": hf_multimax.__version__}
+        report = {"world_size": training_args.world_size, "replica_diffs": check.diffs, "losses": losses}
         Path(args.output_dir, "worker.json").write_text(json.dumps(report))
 
 
