@@ -267,7 +267,8 @@ def set_trainer_output_clip(mode: str) -> None:
 def patch_trainer_clipping() -> None:
     """Make ``transformers.Trainer`` clip models with output-layer MultiMax through :func:`clip_grad_norm_` (mode set
     by :func:`set_trainer_output_clip`). Trainer's ``grad_norm`` log is then the value that function returns. Models
-    without output-layer MultiMax, DeepSpeed, XLA and SageMaker runs keep Trainer's own clipping."""
+    without output-layer MultiMax, DeepSpeed, XLA, SageMaker and mixed-mesh (tensor + data parallel) runs keep
+    Trainer's own clipping."""
     from transformers import Trainer
 
     original = getattr(Trainer, "_clip_grad_norm", None)
@@ -283,6 +284,7 @@ def patch_trainer_clipping() -> None:
             mode == "global"
             or self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA)
             or getattr(self.optimizer, "clip_master_grads", None) is not None  # SageMaker model parallelism
+            or (hasattr(self, "_has_mixed_mesh_grads") and self._has_mixed_mesh_grads(model))  # TP + FSDP meshes
             or not output_multimax_parameter_names(model)
         ):
             return original(self, model)

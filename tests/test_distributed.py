@@ -1,9 +1,10 @@
 """MultiMax under data parallelism and sharding, with real processes: two CPU processes talking over gloo.
 
-* DDP: ``accelerate launch --multi_gpu --num_processes 2 examples/run_clm.py`` and a ``transformers.Trainer`` run
-  (``find_unused_parameters=False``, so a MultiMax parameter without a gradient would stop the run), with the
-  MultiMax parameters compared across processes after every step, and the saved model compared with a
-  single-process run on the same global batch and seed.
+* DDP: ``accelerate launch --multi_gpu --num_processes 2`` of the three example scripts and a
+  ``transformers.Trainer`` run (``find_unused_parameters=False``, so a MultiMax parameter without a gradient would
+  stop the run), with the MultiMax parameters compared across processes after every step, and the saved model
+  compared with a single-process run on the same global batch and seed; ``--check_replicas`` names a parameter that
+  drifted apart.
 * FSDP2 through Accelerate's FSDP plugin (tests/distributed/fsdp_worker.py: Accelerate enables the plugin on GPUs
   only, the worker switches it on for CPU processes), same comparison.
 * ``clip_grad_norm_`` on FSDP1 and FSDP2 gradient shards against a single-process reference.
@@ -58,7 +59,8 @@ def free_port() -> int:
 
 def launch(launcher: str, script: Path, *args: str, config_file: Path | None = None,
            num_processes: int = 2) -> subprocess.CompletedProcess:
-    """Run ``script`` as two processes with ``accelerate launch`` or ``torchrun``; fail with its output on error.
+    """Run ``script`` as ``num_processes`` processes with ``accelerate launch`` or ``torchrun``; fail with its output
+    on error.
 
     The rendezvous port is picked free just before the launch; if another program grabs it in between, the launch is
     retried once on a new port.
