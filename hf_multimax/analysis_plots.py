@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .plots import pyplot, save_figure
+
 if TYPE_CHECKING:
     from .analysis import ModelAnalysis
 
@@ -32,26 +34,8 @@ __all__ = [
 SQRT3_2 = math.sqrt(3) / 2
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
 def _grid(n: int, cols: int = 4, size: tuple[float, float] = (3.2, 2.6)):
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(1, min(cols, n))
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
@@ -85,7 +69,7 @@ def plot_attention_histograms(analyses: Sequence[ModelAnalysis], path: str | Pat
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=5)
     fig.suptitle("Attention weights per layer", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_layer_metrics(analyses: Sequence[ModelAnalysis], path: str | Path) -> Path:
@@ -106,14 +90,14 @@ def plot_layer_metrics(analyses: Sequence[ModelAnalysis], path: str | Path) -> P
         ax.tick_params(labelsize=6)
     axes[0].legend(fontsize=6)
     fig.suptitle("Attention metrics per layer", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_token_similarity(analyses: Sequence[ModelAnalysis], path: str | Path) -> Path:
     """Mean pairwise cosine similarity of the token (patch) representations after each layer: over-smoothing."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for color, analysis in enumerate(analyses):
         ax.plot(range(len(analysis.token_similarity)), analysis.token_similarity, "o-", ms=3, color=f"C{color}",
@@ -124,7 +108,7 @@ def plot_token_similarity(analyses: Sequence[ModelAnalysis], path: str | Path) -
     ax.set_title("Patch similarity per layer (over-smoothing)", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 #: The paper's Figure 1 inputs: a largest entry, a second one approaching it, and a negative one to be ignored.
@@ -184,7 +168,7 @@ def plot_simplex(
     ``temperatures[0]`` to ``temperatures[1]`` (one thin line per input, from the argmax vertex to the uniform centre),
     SoftMax at T = 1, SparseMax, EntMax-1.5, Ev-SoftMax and each model's MultiMax ``softmax(σ(x))`` as markers
     (``modulators``: label -> first attention layer's σ). Vertices are uni-modal outputs, edges bi-modal ones."""
-    plt = _pyplot()
+    plt = pyplot()
     x = simplex_inputs(points)
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     ax.plot([1, 0.5, 0, 1], [0, SQRT3_2, 0, 0], "k-", lw=0.8)
@@ -215,4 +199,4 @@ def plot_simplex(
     ax.axis("off")
     ax.legend(fontsize=6, loc="upper left", frameon=False)
     ax.set_title("Outputs on the probability simplex for the same inputs x", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -104,12 +104,9 @@ def format_table(task_name: str, results: dict[str, dict]) -> str:
 
 def plot_loss_curves(results: dict[str, dict], path: str | Path, title: str | None = None) -> Path:
     """Training-loss curves (per step, faint, and exponentially smoothed) of every implementation; a PNG."""
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.0))
     for index, (implementation, result) in enumerate(results.items()):
         steps = [step for step, _ in result["losses"]]
         losses = [loss for _, loss in result["losses"]]
@@ -125,12 +122,7 @@ def plot_loss_curves(results: dict[str, dict], path: str | Path, title: str | No
     ax.set_title(title or "Training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _load_average() -> float | None:

@@ -10,7 +10,27 @@ from torch import nn
 
 from .integration import multimax_modules
 
-__all__ = ["plot_modulators", "modulator_curves"]
+__all__ = ["plot_modulators", "modulator_curves", "pyplot", "save_figure"]
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (creating the folder) and close it; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def modulator_curves(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -29,11 +49,7 @@ def modulator_curves(model: nn.Module, x: torch.Tensor | None = None) -> dict[st
 
 def plot_modulators(model: nn.Module, path: str | Path, title: str | None = None, x: torch.Tensor | None = None) -> Path:
     """Plot each layer's learned σ(x) against the identity (the paper's Figure 3), one panel per SegLU; write a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     curves = modulator_curves(model, x)
     if not curves:
         raise ValueError(f"{type(model).__name__} has no MultiMax parameters to plot")
@@ -50,9 +66,4 @@ def plot_modulators(model: nn.Module, path: str | Path, title: str | None = None
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(title or "Learned MultiMax modulator σ(x) per layer", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
