@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .kernels import multimax_attention
+from .masking import additive_mask, safe_softmax
 
 __all__ = ["multimax_attention_forward", "multimax_eager_attention_forward", "get_modulator", "UNSUPPORTED_KWARGS"]
 
@@ -56,17 +57,16 @@ def resolve_causal(module: nn.Module, attention_mask: torch.Tensor | None, is_ca
     return bool(attention_mask is None and is_causal and q_len > 1)
 
 
-def apply_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Mask float32 scores *after* σ: boolean masks (True = attend) fill with the dtype minimum, float masks add."""
+def apply_mask(z: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Mask ``σ(scores)`` as :mod:`hf_multimax.masking` defines: masked keys (boolean False, float at or below half
+    the dtype minimum, above the diagonal when ``causal``) become ``-inf``, other float-mask values are added."""
     if causal:
-        q_len, kv_len = scores.shape[-2:]
-        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        q_len, kv_len = z.shape[-2:]
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=z.device).tril()
+        z = z.masked_fill(~keep, float("-inf"))
     if attention_mask is None:
-        return scores
-    if attention_mask.dtype == torch.bool:
-        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    return scores + attention_mask.to(scores.dtype)
+        return z
+    return z + additive_mask(attention_mask, z.dtype)
 
 
 def dense_scores(
@@ -109,14 +109,15 @@ def multimax_eager_attention_forward(
     """Reference MultiMax attention (``"multimax_eager"``), the plain path every fast path is checked against: ``softmax(σ(Q·Kᵀ·scale + position_bias) + mask) · V``.
 
     σ sees the scaled scores plus any learned score bias (T5's ``position_bias``) and runs before the mask, because σ
-    of a dtype-minimum mask value overflows. σ and SoftMax run in float32, as Transformers' eager path does.
+    of a dtype-minimum mask value overflows. σ and SoftMax run in float32, as Transformers' eager path does. A query
+    row with no key to attend gets zero weights (see :mod:`hf_multimax.masking`).
     Returns ``(attn_output (batch, q, heads, dim), attn_weights (batch, heads, q, k))``.
     """
     check_extras(kwargs)
     modulator = get_modulator(module)
     scores, value, causal = dense_scores(module, query, key, value, attention_mask, scaling, is_causal, position_bias)
     scores = apply_mask(modulator(scores), attention_mask, causal)
-    weights = torch.softmax(scores, dim=-1).to(query.dtype)
+    weights = safe_softmax(scores, dim=-1).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)
     return out.transpose(1, 2).contiguous(), weights

@@ -34,6 +34,7 @@ from transformers import PreTrainedConfig
 from transformers import initialization as init
 
 from .attention import check_extras, dense_scores
+from .masking import score_mask
 from .integration import ParametricAttention, head_count, placement, register_parametric_attention
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ __all__ = [
     "masked_entmax15",
     "masked_entmax_alpha",
     "masked_evsoftmax",
-    "score_mask",
     "register_comparators",
 ]
 
@@ -165,27 +165,6 @@ ENTMAX_ALPHA_PARAMETERS = ParametricAttention("entmax_alpha", build_entmax_alpha
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Attention functions
-
-
-def score_mask(
-    attention_mask: torch.Tensor | None, causal: bool, q_len: int, kv_len: int, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(valid, bias)`` from an attention mask: ``valid`` is True where a key may be attended (broadcastable to the
-    scores, or ``None`` for no mask); ``bias`` is the finite part of a float (additive) mask, or ``None``.
-
-    Float masks count entries at or below half the dtype minimum (``-inf``, ``finfo.min``) as masked.
-    """
-    valid = bias = None
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            valid = attention_mask
-        else:
-            valid = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-            bias = torch.where(valid, attention_mask, torch.zeros((), dtype=attention_mask.dtype, device=device))
-    if causal:
-        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
-        valid = keep if valid is None else valid & keep
-    return valid, bias
 
 
 def sparse_attention(normalize: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor], name: str) -> Callable:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import broadcast_parameter, seglu
-from .problem import FMIN, AttentionProblem, dropout_threshold
+from .problem import AttentionProblem, dropout_threshold
 
 __all__ = ["forward", "backward", "dropout_keep_scale", "block_rows"]
 
@@ -83,14 +83,13 @@ def _block_scores(p: AttentionProblem, i0: int, i1: int, kv_end: int) -> tuple[t
         else:
             z = z + m
     if excluded is not None:
-        z = z.masked_fill(excluded, FMIN)
+        z = z.masked_fill(excluded, float("-inf"))
     return s, z, excluded
 
 
 def _row_stats(z: torch.Tensor) -> torch.Tensor:
-    """``(2, ...)``: each row's maximum ``m`` and ``log Σ exp(z - m)``. Kept apart rather than as one log-sum-exp
-    because ``m + log l`` rounds to ``m`` when ``m`` is ``finfo.min`` (a fully masked row), which would make the
-    recomputed probabilities 1 instead of ``1/kv_len``."""
+    """``(2, ...)``: each row's maximum ``m`` and ``log Σ exp(z - m)``, kept apart (the layout of the fused kernel's
+    statistics); ``m = -inf`` marks a row with nothing to attend."""
     m = z.amax(dim=-1)
     empty = torch.isneginf(m)  # nothing to attend (only -inf scores): probabilities 0, never NaN
     m = m.masked_fill(empty, float("-inf"))
@@ -103,7 +102,7 @@ def _probabilities(z: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     m, log_l = stats
     empty = torch.isneginf(m)
     p = torch.exp((z - torch.where(empty, 0.0, m)[..., None]) - log_l[..., None])
-    return p.masked_fill(empty[..., None], 0.0) if empty.any() else p
+    return p.masked_fill(empty[..., None], 0.0)
 
 
 def forward(p: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@
 backward) from a score modification; σ, the score bias and the mask are expressed as one, and the gradients of the
 captured ``ranges``/``ts`` (reductions over every score) come from FlexAttention's captured-buffer support. Causal
 attention uses a block mask, so fully masked tiles are skipped; padding masks stay in the ``score_mod`` (masked
-scores become ``finfo(float32).min`` after σ, like the reference: a fully masked row is uniform, not NaN).
+scores become ``-inf`` after σ, like the reference: a fully masked row gives zeros).
 
 Dropout is not supported by FlexAttention: the dispatcher sends dropout to the blocked PyTorch path. On CPU,
 FlexAttention has no backward; there this module only serves to check the ``score_mod`` against the reference.
@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..functional import seglu_order
-from .problem import FMIN
+from ..masking import additive_mask
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def seglu_score_mod(ranges: torch.Tensor, ts: torch.Tensor, bias=None, mask=None
             z = z + t_lo * below + t_hi * above
         if mask is not None:
             m = mask[b, h, q_idx, kv_idx]
-            z = torch.where(m, z, FMIN) if mask.dtype == torch.bool else z + m
+            z = torch.where(m, z, float("-inf")) if mask.dtype == torch.bool else z + m
         return z
 
     return score_mod
@@ -104,7 +104,7 @@ def flex_multimax_attention(
     shape = (b, h, lq, lk)
     mask = None
     if attention_mask is not None:
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.float()
+        mask = attention_mask if attention_mask.dtype == torch.bool else additive_mask(attention_mask, torch.float32)
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(shape)
     bias = None
     if position_bias is not None:

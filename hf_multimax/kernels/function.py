@@ -127,8 +127,9 @@ def multimax_attention(
         key, value: (batch, kv_heads, kv_len, head_dim / v_dim), ``heads % kv_heads == 0`` (GQA without copies).
         ranges, ts: SegLU parameters, (2N,) shared or (heads, 2N) per head; gradients are exact.
         scale: score scale, default ``head_dim ** -0.5``.
-        attention_mask: bool (True = attend; masked scores become ``finfo(float32).min`` after σ, so a fully masked
-            row is uniform) or float (added after σ), broadcastable to (batch, heads, q_len, kv_len).
+        attention_mask: bool (True = attend) or float (added after σ; values at or below half the dtype minimum
+            mean masked), broadcastable to (batch, heads, q_len, kv_len). A row with no key to attend gives zeros
+            (see :mod:`hf_multimax.masking`).
         is_causal: top-left aligned causal mask (query ``i`` sees keys ``j <= i``); fully masked key tiles are skipped.
         position_bias: float score bias added before σ (T5), broadcastable to (batch, heads, q_len, kv_len); it gets
             a gradient when it requires one.

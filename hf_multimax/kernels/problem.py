@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from ..functional import seglu_order
+from ..masking import additive_mask
 
-__all__ = ["AttentionProblem", "parameter_grads", "draw_seed", "FMIN"]
-
-#: What the reference fills masked scores with (so a fully masked row is uniform, never NaN).
-FMIN = torch.finfo(torch.float32).min
+__all__ = ["AttentionProblem", "parameter_grads", "draw_seed"]
 
 
 def draw_seed() -> int:
@@ -140,7 +138,9 @@ class AttentionProblem:
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         r32, t32 = ranges.detach().to(dtype), ts.detach().to(dtype)
         if mask is not None:
-            mask = _broadcast_view(mask if mask.dtype == torch.bool else mask.detach().to(dtype), (b, h, lq, lk))
+            # Boolean masks stay boolean (the kernels read one byte per score); float masks get -inf where masked.
+            mask = mask if mask.dtype == torch.bool else additive_mask(mask.detach(), dtype)
+            mask = _broadcast_view(mask, (b, h, lq, lk))
         bias_shape = None
         if bias is not None:
             bias_shape = tuple(bias.shape)

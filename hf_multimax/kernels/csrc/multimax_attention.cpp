@@ -9,8 +9,8 @@
 // Layout conventions (all float32, last dimension contiguous, other strides in elements):
 //   q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with query head h reading key/value head h / (H / Hkv);
 //   out and dout (B, Lq, H, Dv) through strides; stats (2, B, H, Lq) contiguous: the row
-//   maximum m of σ(s) + mask, then log Σ exp(σ(s) + mask - m) (kept apart: m + log l would round to m when m is
-//   finfo.min, the fully masked rows);
+//   maximum m of σ(s) + mask, then log Σ exp(σ(s) + mask - m); masked scores are -inf (float masks arrive with -inf
+//   where masked), and a row with none left has m = -inf: zero output, zero gradients;
 //   dq (kv_split, B, H, Lq, D), dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv) contiguous (zeroed here, by their owners);
 //   ranges and ts (H, 2N) contiguous; pacc (kv_split, B, H, 4N) float64: Σ dZ·a^n (2N entries) then Σ dZ·a^(n-1);
 //   dbias (dbias_b, dbias_h, Lq, Lk) contiguous, dbias_b ∈ {1, B}, dbias_h ∈ {1, H}.
@@ -65,7 +65,6 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 constexpr int W = 16;
-constexpr float FMIN = -std::numeric_limits<float>::max();
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 inline vf splat(float x) { return vf{} + x; }
@@ -243,7 +242,7 @@ inline vf scores_chunk(const Seg<ORD>& seg, const MMArgs& a, vf& s, const float*
     vf z = seg.sigma(s);
     if (a.mask_kind == 1) {
         vi keep = load_bool(static_cast<const uint8_t*>(mrow) + c, n);
-        z = keep ? z : splat(FMIN);
+        z = keep ? z : splat(NEG_INF);
     } else if (a.mask_kind == 2) {
         const float* mr = static_cast<const float*>(mrow) + c;
         z = z + (n == W ? loadu(mr) : load_n(mr, n, 0.f));
