@@ -11,7 +11,7 @@ BPE tokenizer built on the spot: offline, about 10 seconds on a 2-core CPU.
 
 The shared steps (arguments, Accelerator, model, LoRA, optimizer, loop, checkpoints, saving) are in
 `hf_multimax.finetune`; what is particular to language modelling (tokenize, cut into blocks, perplexity) is
-`hf_multimax.tasks.CausalLMTask`.
+`hf_multimax.finetune.tasks.CausalLMTask`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from hf_multimax import finetune
-from hf_multimax.tasks import CausalLMTask
+from hf_multimax.finetune.tasks import CausalLMTask
 
 TASK = CausalLMTask()
 

@@ -11,7 +11,7 @@ With no data argument it trains a tiny ViT (2×2 patches) from scratch on scikit
         --output_dir out/mine                              # folders of class sub-folders (imagefolder)
 
 The shared steps are in `hf_multimax.finetune`; what is particular to image classification (image transforms,
-labels, accuracy) is `hf_multimax.tasks.ImageClassificationTask`.
+labels, accuracy) is `hf_multimax.finetune.tasks.ImageClassificationTask`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from hf_multimax import finetune
-from hf_multimax.tasks import ImageClassificationTask
+from hf_multimax.finetune.tasks import ImageClassificationTask
 
 TASK = ImageClassificationTask()
 

@@ -12,7 +12,7 @@ With no data argument it trains a tiny T5 from scratch on ~1,500 English→Germa
     python examples/run_translation.py --train_file pairs.jsonl --output_dir out/mine   # {"translation": {"en": .., "de": ..}}
 
 The shared steps are in `hf_multimax.finetune`; what is particular to translation (source/target tokenization,
-padding of labels, beam search and BLEU) is `hf_multimax.tasks.TranslationTask`.
+padding of labels, beam search and BLEU) is `hf_multimax.finetune.tasks.TranslationTask`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from hf_multimax import finetune
-from hf_multimax.tasks import TranslationTask
+from hf_multimax.finetune.tasks import TranslationTask
 
 TASK = TranslationTask()
 

@@ -1,35 +1,78 @@
 """hf-multimax: MultiMax attention (Zhou, Fritz & Keuper, ICML 2024) for Hugging Face Transformers.
 
-``import hf_multimax`` registers ``attn_implementation="multimax"`` with Transformers.
+``import hf_multimax`` registers ``attn_implementation="multimax"`` (and the paper's comparators) with Transformers and
+installs the model-lifecycle hooks ``from_pretrained`` needs (:mod:`hf_multimax.integrations.transformers`); they are
+installed the moment Transformers' modeling code is imported (at once if it already is), so the import itself is free.
+``hf_multimax.unregister()`` removes them. The public names below are loaded on first use.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from .config import FLAG_DEFAULTS, MultiMaxSettings
-from .functional import multimax, seglu
-from .integration import MULTIMAX, MultiMaxWarning, attach_multimax, multimax_modules, register
-from .comparators import COMPARATORS  # registers "sparsemax", "entmax15", "entmax_alpha", "evsoftmax"
-from .modules import SegLU
-from .training import clip_grad_norm_, multimax_parameter_groups
+import importlib
+from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("hf-multimax")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from . import _compat
+from ._version import __version__
+from .integrations import transformers as _transformers_hooks
 
-register()
+#: public name -> module that defines it (imported on first access).
+_PUBLIC = {
+    "FLAG_DEFAULTS": "hf_multimax.config",
+    "MultiMaxSettings": "hf_multimax.config",
+    "multimax": "hf_multimax.functional",
+    "seglu": "hf_multimax.functional",
+    "SegLU": "hf_multimax.modeling",
+    "multimax_modules": "hf_multimax.modeling",
+    "MULTIMAX": "hf_multimax.registry",
+    "ParametricAttention": "hf_multimax.registry",
+    "MultiMaxWarning": "hf_multimax.integrations.transformers",
+    "register_attention": "hf_multimax.integrations.transformers",
+    "clip_grad_norm_": "hf_multimax.training",
+    "multimax_parameter_groups": "hf_multimax.training",
+    "MultiMaxTrainer": "hf_multimax.integrations.trainer",
+    "MultiMaxSeq2SeqTrainer": "hf_multimax.integrations.trainer",
+    "patch_trainer": "hf_multimax.integrations.trainer",
+    "unpatch_trainer": "hf_multimax.integrations.trainer",
+    "lora_modules_to_save": "hf_multimax.integrations.peft",
+    "multimax_lora_config": "hf_multimax.integrations.peft",
+}
+#: public name -> (module, attribute) where the attribute has another name there.
+_RENAMED = {
+    "attach_multimax": ("hf_multimax.registry", "attach"),
+    "register": ("hf_multimax.integrations.transformers", "install"),
+    "unregister": ("hf_multimax.integrations.transformers", "uninstall"),
+}
 
-__all__ = [
-    "FLAG_DEFAULTS",
-    "MULTIMAX",
-    "MultiMaxSettings",
-    "MultiMaxWarning",
-    "SegLU",
-    "attach_multimax",
-    "clip_grad_norm_",
-    "multimax",
-    "multimax_modules",
-    "multimax_parameter_groups",
-    "register",
-    "seglu",
-]
+__all__ = ["__version__", *_PUBLIC, *_RENAMED]
+
+if TYPE_CHECKING:
+    from .config import FLAG_DEFAULTS, MultiMaxSettings
+    from .functional import multimax, seglu
+    from .integrations.peft import lora_modules_to_save, multimax_lora_config
+    from .integrations.trainer import MultiMaxSeq2SeqTrainer, MultiMaxTrainer, patch_trainer, unpatch_trainer
+    from .integrations.transformers import MultiMaxWarning, register_attention
+    from .integrations.transformers import install as register
+    from .integrations.transformers import uninstall as unregister
+    from .modeling import SegLU, multimax_modules
+    from .registry import MULTIMAX, ParametricAttention
+    from .registry import attach as attach_multimax
+    from .training import clip_grad_norm_, multimax_parameter_groups
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _RENAMED:
+        module, attribute = _RENAMED[name]
+        return getattr(importlib.import_module(module), attribute)
+    if f"{__name__}.{name}" in _compat.MOVED:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+_compat.install()
+_transformers_hooks.install_when_imported()

@@ -1,7 +1,7 @@
 """MultiMax attention functions that Transformers' ``AttentionInterface`` calls.
 
 It follows the standard backend signature ``(module, query, key, value, attention_mask, scaling, dropout, **kwargs)``
-and reads the layer's MultiMax parameters off ``module.multimax`` (a :class:`~hf_multimax.modules.SegLU`).
+and reads the layer's MultiMax parameters off ``module.multimax`` (a :class:`~hf_multimax.modeling.SegLU`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from torch import nn
 
 from .kernels import multimax_attention
 from .masking import additive_mask, safe_softmax
+from .modeling import SEGLU_ATTRIBUTE
 
 __all__ = ["multimax_attention_forward", "multimax_eager_attention_forward", "get_modulator", "UNSUPPORTED_KWARGS"]
 
@@ -21,7 +22,7 @@ UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
 
 def get_modulator(module: nn.Module):
     """Return the SegLU attached to an attention module, or explain how to get one."""
-    modulator = getattr(module, "multimax", None)
+    modulator = getattr(module, SEGLU_ATTRIBUTE, None)
     if modulator is None:
         raise RuntimeError(
             f"{type(module).__name__} has no MultiMax parameters. Select MultiMax through Transformers so that they are "

@@ -1,6 +1,6 @@
 """The MultiMax paper's comparators as attention implementations: sparse SoftMax alternatives.
 
-``import hf_multimax`` registers, beside ``"multimax"``:
+``import hf_multimax`` registers, beside ``"multimax"`` (see :mod:`hf_multimax.registry`):
 
 * ``"sparsemax"``: SparseMax (Martins & Astudillo, 2016), the Euclidean projection onto the simplex,
   ``argmin_p ||p - s||²`` over distributions ``p``.
@@ -27,15 +27,18 @@ import logging
 import math
 from collections.abc import Callable
 
+from typing import TYPE_CHECKING
+
 import torch
-from entmax import entmax15, entmax_bisect, sparsemax
 from torch import nn
-from transformers import PreTrainedConfig
 from transformers import initialization as init
 
 from .attention import check_extras, dense_scores
 from .masking import score_mask
-from .integration import ParametricAttention, head_count, placement, register_parametric_attention
+from .modeling import head_count, placement
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +46,13 @@ __all__ = [
     "COMPARATORS",
     "EVSOFTMAX_EPS",
     "EntmaxAlphaParameters",
+    "ENTMAX_ALPHA_ATTRIBUTE",
+    "build_entmax_alpha",
     "masked_normalize",
     "masked_sparsemax",
     "masked_entmax15",
     "masked_entmax_alpha",
     "masked_evsoftmax",
-    "register_comparators",
 ]
 
 #: ε that Ev-SoftMax keeps on below-mean entries in training mode (the authors' ``EPS``).
@@ -62,6 +66,8 @@ MASK_GAP = 1.0e4
 #: ``entmax_bisect`` divides by α - 1.
 ALPHA_MIN = 1.01
 ALPHA_INIT = 1.5
+#: The child attribute of each attention module that holds its learnable α (``self_attn.entmax_alpha.pre_alpha``).
+ENTMAX_ALPHA_ATTRIBUTE = "entmax_alpha"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -87,11 +93,15 @@ def masked_normalize(fn: Callable[[torch.Tensor], torch.Tensor], scores: torch.T
 
 def masked_sparsemax(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """SparseMax over the last dimension of the unmasked entries: ``argmin_p ||p - s||²`` on the simplex."""
+    from entmax import sparsemax
+
     return masked_normalize(lambda x: sparsemax(x, dim=-1), scores, valid)
 
 
 def masked_entmax15(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """1.5-EntMax over the last dimension of the unmasked entries: ``p = [s/2 - τ]₊²`` with τ such that Σp = 1."""
+    from entmax import entmax15
+
     return masked_normalize(lambda x: entmax15(x, dim=-1), scores, valid)
 
 
@@ -101,6 +111,8 @@ def masked_entmax_alpha(scores: torch.Tensor, alpha: torch.Tensor | float, valid
     ``alpha``: a float, or a tensor of per-head values (shape ``(heads,)``) for ``(batch, heads, q, k)`` scores;
     differentiable with respect to ``alpha``.
     """
+    from entmax import entmax_bisect
+
     if isinstance(alpha, torch.Tensor):
         if alpha.dim() == 1:
             alpha = alpha.view(1, -1, 1, 1)
@@ -136,6 +148,8 @@ def masked_evsoftmax(
 class EntmaxAlphaParameters(nn.Module):
     """The learnable α of one attention layer, one per head: ``α = 1.01 + softplus(pre_alpha)``, initialised at 1.5."""
 
+    PARAMETER_NAMES = ("pre_alpha",)
+
     def __init__(self, num_heads: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -156,11 +170,9 @@ class EntmaxAlphaParameters(nn.Module):
         return f"num_heads={self.num_heads}"
 
 
-def build_entmax_alpha(module: nn.Module, config: PreTrainedConfig) -> EntmaxAlphaParameters:
+def build_entmax_alpha(module: nn.Module, config: "PreTrainedConfig") -> EntmaxAlphaParameters:
+    """The α of one attention module, one per query head, on the module's device and dtype."""
     return EntmaxAlphaParameters(head_count(module, config), **placement(module))
-
-
-ENTMAX_ALPHA_PARAMETERS = ParametricAttention("entmax_alpha", build_entmax_alpha, (EntmaxAlphaParameters,))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def sparse_attention(normalize: Callable[[nn.Module, torch.Tensor, torch.Tensor 
 
 
 def entmax_alpha_of(module: nn.Module) -> torch.Tensor:
-    parameters = getattr(module, "entmax_alpha", None)
+    parameters = getattr(module, ENTMAX_ALPHA_ATTRIBUTE, None)
     if parameters is None:
         raise RuntimeError(
             f"{type(module).__name__} has no learnable α. Select it through Transformers so that it is created: "
@@ -218,19 +230,10 @@ evsoftmax_attention_forward = sparse_attention(
     lambda module, s, valid: masked_evsoftmax(s, valid, training=module.training), "evsoftmax"
 )
 
-#: name -> (attention function, its learnable parameters or None).
-COMPARATORS: dict[str, tuple[Callable, ParametricAttention | None]] = {
-    "sparsemax": (sparsemax_attention_forward, None),
-    "entmax15": (entmax15_attention_forward, None),
-    "entmax_alpha": (entmax_alpha_attention_forward, ENTMAX_ALPHA_PARAMETERS),
-    "evsoftmax": (evsoftmax_attention_forward, None),
+#: name -> attention function (the registry, :mod:`hf_multimax.registry`, adds α's parameters to "entmax_alpha").
+COMPARATORS: dict[str, Callable] = {
+    "sparsemax": sparsemax_attention_forward,
+    "entmax15": entmax15_attention_forward,
+    "entmax_alpha": entmax_alpha_attention_forward,
+    "evsoftmax": evsoftmax_attention_forward,
 }
-
-
-def register_comparators() -> None:
-    """Register every comparator (attention function + ``sdpa_mask``) with Transformers. Safe to call more than once."""
-    for name, (function, parameters) in COMPARATORS.items():
-        register_parametric_attention(name, function, parameters)
-
-
-register_comparators()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["seglu", "multimax", "seglu_order", "broadcast_parameter"]
+__all__ = ["seglu", "multimax", "seglu_order", "broadcast_parameter", "seglu_backward", "seglu_parameter_grads"]
 
 
 def seglu_order(ranges: torch.Tensor, ts: torch.Tensor) -> int:
@@ -84,3 +84,39 @@ def seglu(x: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor) -> torch.Tens
 def multimax(x: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """MultiMax: ``softmax(seglu(x, ranges, ts), dim)``. See :func:`seglu` for the parameter shapes."""
     return torch.softmax(seglu(x, ranges, ts), dim=dim)
+
+
+def seglu_backward(
+    x: torch.Tensor, grad: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor, sum_dims: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of :func:`seglu` by hand, for the fused paths: ``(grad · dσ/dx, sums)``.
+
+    ``sums`` stacks, over the last dimension, ``Σ grad·a^n`` for the 2N coefficients then ``Σ grad·a^(n-1)``, summed
+    over ``sum_dims`` of ``x``, where ``a`` is ``relu(r - x)`` (low side) or ``relu(x - r)`` (high side) and ``a^0`` the
+    indicator ``a > 0``; :func:`seglu_parameter_grads` turns them into the gradients of ``ranges`` and ``ts``. The
+    sums are float64 (they add up every score of an attention call or every logit of a batch).
+    """
+    order = seglu_order(ranges, ts)
+    deriv = torch.ones_like(x)
+    power_sums, prev_sums = [], []
+    for n in range(1, order + 1):
+        for side, index in ((0, 2 * n - 2), (1, 2 * n - 1)):
+            r = broadcast_parameter(ranges[..., index], x)
+            t = broadcast_parameter(ts[..., index], x)
+            a = torch.relu(r - x) if side == 0 else torch.relu(x - r)
+            a_prev = (a > 0).to(x.dtype) if n == 1 else (a if n == 2 else a ** (n - 1))
+            power_sums.append((grad * a_prev * a).sum(dim=sum_dims))
+            prev_sums.append((grad * a_prev).sum(dim=sum_dims))
+            deriv = deriv + (-n if side == 0 else n) * t * a_prev
+    return grad * deriv, torch.stack(power_sums + prev_sums, dim=-1).double()
+
+
+def seglu_parameter_grads(sums: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(d ranges, d ts)`` from the sums of :func:`seglu_backward` (last dimension 4N; leading dimensions,
+    e.g. one per head, broadcast against ``ts``), in float64: ``∂σ/∂t = a^n``, ``∂σ/∂r_low = n·t·a^(n-1)``,
+    ``∂σ/∂r_high = -n·t·a^(n-1)``."""
+    order = sums.shape[-1] // 4
+    coef = torch.tensor([(n if side == 0 else -n) for n in range(1, order + 1) for side in (0, 1)],
+                        dtype=torch.float64, device=sums.device)  # fmt: skip
+    sums = sums.double()
+    return coef * ts.detach().double() * sums[..., 2 * order :], sums[..., : 2 * order]

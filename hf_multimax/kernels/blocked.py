@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import broadcast_parameter, seglu
+from ..functional import seglu, seglu_backward
 from .problem import AttentionProblem, dropout_threshold
 
 __all__ = ["forward", "backward", "dropout_keep_scale", "block_rows"]
@@ -124,23 +124,6 @@ def forward(p: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
     return out, stats
 
 
-def _seglu_backward(p: AttentionProblem, s: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dσ/ds · dz, sums (H, 4N))`` with sums as documented in :func:`~hf_multimax.kernels.problem.parameter_grads`."""
-    deriv = torch.ones_like(s)
-    a_sums, b_sums = [], []
-    for n in range(1, p.order + 1):
-        for side, index in ((0, 2 * n - 2), (1, 2 * n - 1)):
-            r = broadcast_parameter(p.ranges[..., index], s)
-            t = broadcast_parameter(p.ts[..., index], s)
-            a = torch.relu(r - s) if side == 0 else torch.relu(s - r)
-            a_prev = (a > 0).to(s.dtype) if n == 1 else (a if n == 2 else a ** (n - 1))
-            a_sums.append((dz * a_prev * a).sum(dim=(0, 2, 3)))
-            b_sums.append((dz * a_prev).sum(dim=(0, 2, 3)))
-            deriv = deriv + (-n if side == 0 else n) * t * a_prev
-    sums = torch.stack(a_sums + b_sums, dim=-1).double()
-    return dz * deriv, sums
-
-
 def backward(
     p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, need_bias_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -172,7 +155,7 @@ def backward(
         dz = prob * (dprob - delta[:, :, i0:i1, None])
         if excluded is not None:
             dz = dz.masked_fill(excluded, 0.0)
-        ds, block_sums = _seglu_backward(p, s, dz)
+        ds, block_sums = seglu_backward(s, dz, p.ranges, p.ts, sum_dims=(0, 2, 3))
         sums += block_sums
         if dbias is not None:
             dbias[:, :, i0:i1, :kv_end] += ds.sum_to_size(dbias.shape[0], dbias.shape[1], *ds.shape[2:])

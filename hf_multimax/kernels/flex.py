@@ -13,16 +13,13 @@ FlexAttention has no backward; there this module only serves to check the ``scor
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
 from ..functional import seglu_order
 from ..masking import additive_mask
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["flex_available", "flex_multimax_attention", "seglu_score_mod"]
+__all__ = ["flex_available", "flex_multimax_attention", "seglu_score_mod", "FlexCompileError"]
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -37,6 +34,10 @@ _BROKEN: list[str] = []
 def flex_available() -> bool:
     """FlexAttention is importable, CUDA is present, and compiling it has not failed in this process."""
     return _HAS_FLEX and torch.cuda.is_available() and not _BROKEN
+
+
+class FlexCompileError(RuntimeError):
+    """The compiled FlexAttention kernel failed; :func:`flex_available` is False from then on in this process."""
 
 
 @functools.cache
@@ -113,19 +114,14 @@ def flex_multimax_attention(
     score_mod = seglu_score_mod(ranges.float(), ts.float(), bias, mask)
     block_mask = _causal_block_mask(lq, lk, query.device) if is_causal else None
     compile = query.device.type == "cuda" if compile is None else compile
-    fn = _compiled_flex() if compile else flex_attention
+    if not compile:
+        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                             enable_gqa=key.shape[1] != h)  # fmt: skip
+        return out.transpose(1, 2).contiguous()
     try:
-        out = fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                 enable_gqa=key.shape[1] != h)  # fmt: skip
+        out = _compiled_flex()(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                               enable_gqa=key.shape[1] != h)  # fmt: skip
     except Exception as error:
-        if not compile:
-            raise
         _BROKEN.append(f"{type(error).__name__}: {error}")
-        logger.warning("Compiled FlexAttention failed (%s); MultiMax falls back to the blocked PyTorch path.", error)
-        from .function import multimax_attention
-
-        return multimax_attention(
-            query, key, value, ranges, ts, scale=scale, attention_mask=attention_mask, is_causal=is_causal,
-            position_bias=position_bias, backend="torch",
-        )  # fmt: skip
+        raise FlexCompileError(f"compiled FlexAttention failed: {type(error).__name__}: {error}") from error
     return out.transpose(1, 2).contiguous()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..functional import seglu_order
+from ..functional import seglu_order, seglu_parameter_grads
 from ..masking import additive_mask
 
 __all__ = ["AttentionProblem", "parameter_grads", "draw_seed"]
@@ -174,17 +174,9 @@ def _bias4d_shape(shape: tuple[int, ...] | None) -> tuple[int, ...]:
 def parameter_grads(
     problem: AttentionProblem, sums: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``ranges`` and ``ts`` from per-head sums ``(H, 4N)``: ``Σ dZ·a^n`` (2N) then ``Σ dZ·a^(n-1)`` (2N),
-    where ``a`` is ``relu(r - s)`` (low side) or ``relu(s - r)`` (high side) and ``a^0`` the indicator ``a > 0``.
-
-    ``∂σ/∂t = a^n``, ``∂σ/∂r_low = n·t·a^(n-1)``, ``∂σ/∂r_high = -n·t·a^(n-1)``.
-    """
-    n2 = 2 * problem.order
-    sums = sums.double()
-    coef = torch.tensor([(n if side == 0 else -n) for n in range(1, problem.order + 1) for side in (0, 1)],
-                        dtype=torch.float64, device=sums.device)  # fmt: skip
-    grad_ts = sums[:, :n2]
-    grad_ranges = coef * problem.ts_per_head.double() * sums[:, n2:]
+    """Gradients of ``ranges`` and ``ts`` (the caller's shapes, in ``dtype``) from per-head sums ``(H, 4N)`` (see
+    :func:`hf_multimax.functional.seglu_backward`)."""
+    grad_ranges, grad_ts = seglu_parameter_grads(sums, problem.ts_per_head)
     if problem.ranges.dim() == 1:
         grad_ts, grad_ranges = grad_ts.sum(0), grad_ranges.sum(0)
     return grad_ranges.to(dtype), grad_ts.to(dtype)

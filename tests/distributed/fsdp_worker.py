@@ -18,13 +18,13 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-from hf_multimax import finetune
+from hf_multimax.finetune import pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import run_clm  # noqa: E402
 
-build_accelerator = finetune.make_accelerator
+build_accelerator = pipeline.make_accelerator
 
 
 def plugin_from_config(path: Path) -> FullyShardedDataParallelPlugin:
@@ -49,5 +49,5 @@ def make_fsdp_accelerator(args):
 
 
 if __name__ == "__main__":
-    finetune.make_accelerator = make_fsdp_accelerator
+    pipeline.make_accelerator = make_fsdp_accelerator  # what finetune.run() calls
     run_clm.main(sys.argv[1:])

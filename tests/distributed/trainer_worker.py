@@ -1,4 +1,4 @@
-"""Train a tiny MultiMax Llama with ``transformers.Trainer``; run alone or under ``accelerate launch`` / ``torchrun``.
+"""Train a tiny MultiMax Llama with ``hf_multimax.MultiMaxTrainer`` (a ``transformers.Trainer``); run alone or under ``accelerate launch`` / ``torchrun``.
 
 Used by tests/test_distributed.py: after every optimizer step a callback gathers the MultiMax parameters of every
 process and records the largest difference; the model is saved with ``Trainer.save_model`` and a ``worker.json``
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 import hf_multimax  # noqa: F401  (registers "multimax")
-from hf_multimax.distributed import launched_without_accelerator
+from hf_multimax.training.distributed import launched_without_accelerator
+from hf_multimax.integrations.trainer import MultiMaxTrainer
 from hf_multimax.training import multimax_parameter_names
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         ddp_find_unused_parameters=False,  # a parameter without a gradient would stop DDP with an error
     )
     check = ReplicaCheck()
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[check])
+    trainer = MultiMaxTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[check])
     trainer.train()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():

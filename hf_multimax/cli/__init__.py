@@ -1,0 +1,93 @@
+"""The ``hf-multimax`` command line: one module per command, imported only when that command runs, so that
+``hf-multimax --help`` costs no more than starting Python.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> exit code``. A user
+mistake (a wrong path, a folder that is not a model, a bad flag value) ends in one ``error:`` line and exit code 2,
+never a traceback; ``--verbose`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser", "COMMANDS", "UsageError"]
+
+#: command -> (one-line help, module that implements it).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("Print versions, the registered attention implementations and the MultiMax flags.", "hf_multimax.cli.info"),
+    "compare": ("Train the same tiny model with SoftMax and with MultiMax on embedded data; table + loss plot.",
+                "hf_multimax.cli.compare"),
+    "analyze": ("Analyse saved models' attention (sparsity, modes, entropy, over-smoothing, learned σ) and plot it.",
+                "hf_multimax.cli.analyze"),
+    "push": ("Push a saved MultiMax model or adapter folder to the Hub, with a model card.", "hf_multimax.cli.push"),
+}  # fmt: skip
+#: Exceptions that mean "the user asked for something that cannot be done": one line, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                                 PermissionError, OSError)  # fmt: skip
+
+
+class UsageError(Exception):
+    """A command cannot proceed; the message says what is missing and which flag supplies it."""
+
+
+def _requested_command(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (the first argument that is not an option), if any."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the command named in ``argv`` gets its arguments (importing its module)."""
+    parser = argparse.ArgumentParser(
+        prog="hf-multimax",
+        description="MultiMax attention for Hugging Face Transformers (`import hf_multimax`, then "
+        "`from_pretrained(..., attn_implementation=\"multimax\")`). Run `hf-multimax COMMAND --help` for a command's "
+        "options.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level and show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    requested = _requested_command(argv)
+    for name, (help_text, module_name) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == requested:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-multimax`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        return args.run(args)
+    except UsageError as error:
+        _report(args, error)
+        return 2
+    except USER_ERRORS as error:
+        _report(args, error)
+        return 2
+
+
+def _report(args: argparse.Namespace, error: BaseException) -> None:
+    if args.verbose:
+        import traceback
+
+        traceback.print_exception(error)
+    message = str(error) if isinstance(error, UsageError) else f"{error}"
+    print(f"hf-multimax {args.command}: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
