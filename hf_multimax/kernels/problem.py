@@ -10,7 +10,7 @@ import torch
 from ..functional import seglu_order, seglu_parameter_grads
 from ..masking import additive_mask
 
-__all__ = ["AttentionProblem", "parameter_grads", "draw_seed"]
+__all__ = ["AttentionProblem", "parameter_grads", "draw_seed", "check_inputs", "INPUT_DTYPES"]
 
 
 def draw_seed() -> int:
@@ -119,22 +119,9 @@ class AttentionProblem:
         dropout_p: float,
         seed: int | None = None,
     ) -> "AttentionProblem":
-        order = seglu_order(ranges, ts)
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError(
-                f"query, key and value must be 4-D (batch, heads, seq, dim), got {q.dim()}, {k.dim()}, {v.dim()}"
-            )
-        b, h, lq, d = q.shape
-        hkv, lk = k.shape[1], k.shape[2]
-        if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d or h % hkv:
-            raise ValueError(
-                f"incompatible shapes: query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)} (the number "
-                "of query heads must be a multiple of the number of key/value heads)"
-            )
-        if ranges.dim() == 2 and ranges.shape[0] != h:
-            raise ValueError(f"per-head parameters are for {ranges.shape[0]} heads but the query has {h} heads")
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout_p}")
+        order = check_inputs(q, k, v, ranges, ts, mask=mask, bias=bias, dropout_p=dropout_p)
+        b, h, lq, _ = q.shape
+        lk = k.shape[2]
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         r32, t32 = ranges.detach().to(dtype), ts.detach().to(dtype)
         if mask is not None:
@@ -163,6 +150,60 @@ class AttentionProblem:
             dropout_p=float(dropout_p),
             seed=(draw_seed() if dropout_p > 0 else 0) if seed is None else int(seed),
         )
+
+
+#: Input dtypes the kernels take (computed in float32; float64 in float64).
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ranges: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> int:
+    """Check one attention call's inputs from their shapes, dtypes and devices only (so it also runs on the fake
+    tensors of ``torch.compile`` and ``torch.export``); return the SegLU order. ``TypeError`` for a wrong dtype,
+    ``ValueError`` for a wrong shape, device or dropout, each naming the argument and what is allowed."""
+    order = seglu_order(ranges, ts)
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in INPUT_DTYPES:
+            raise TypeError(f"`{name}` has dtype {x.dtype}; MultiMax attention takes {INPUT_DTYPES}")
+        if x.dim() != 4:
+            raise ValueError(f"`{name}` must be 4-D (batch, heads, seq, dim), got shape {tuple(x.shape)}")
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hkv == 0 or h % hkv:
+        raise ValueError(
+            f"incompatible shapes: query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)} (batch and "
+            "head_dim must agree, key and value must have the same batch, heads and length, and the number of query "
+            "heads must be a multiple of the number of key/value heads)"
+        )
+    if ranges.dim() == 2 and ranges.shape[0] != h:
+        raise ValueError(f"per-head `ranges`/`ts` are for {ranges.shape[0]} heads but the query has {h} heads")
+    devices = {t.device for t in (q, k, v, ranges, ts, mask, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"query, key, value, ranges, ts, mask and bias must be on one device, got {sorted(map(str, devices))}")
+    for name, x in (("attention_mask", mask), ("position_bias", bias)):
+        if x is None:
+            continue
+        if name == "position_bias" and not x.is_floating_point():
+            raise TypeError(f"`position_bias` must be a floating-point tensor, got {x.dtype}")
+        shape = (1,) * (4 - x.dim()) + tuple(x.shape) if x.dim() <= 4 else None
+        target = (b, h, q.shape[2], k.shape[2])
+        if shape is None or any(s not in (1, t) for s, t in zip(shape, target)):
+            raise ValueError(f"`{name}` of shape {tuple(x.shape)} does not broadcast to (batch, heads, q_len, kv_len) = "
+                             f"{target}")  # fmt: skip
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
+    return order
 
 
 def _bias4d_shape(shape: tuple[int, ...] | None) -> tuple[int, ...]:
