@@ -7,13 +7,17 @@ Attention backends (all compute ``softmax(σ(scale·Q·Kᵀ + bias) + mask)·V``
 reference; float64 inputs are computed in float64 by the ``"torch"`` backend, for ``gradcheck``):
 
 * ``"cpu"``: the fused C++ kernel (:mod:`.cpu`), flash-attention style tiles, σ and σ' fused into the tile passes.
-* ``"flex"``: CUDA, :func:`torch.nn.attention.flex_attention.flex_attention` with σ as ``score_mod`` (:mod:`.flex`).
+* ``"triton"``: Triton kernels (:mod:`.triton_kernel`): CUDA, or CPU tensors in Triton's interpreter with
+  ``TRITON_INTERPRET=1`` (how CI checks them).
+* ``"flex"``: CUDA, :func:`torch.nn.attention.flex_attention.flex_attention` with σ as ``score_mod`` (:mod:`.flex`);
+  only when asked for.
 * ``"torch"``: pure PyTorch, blocked over queries (:mod:`.blocked`); always available, any device.
 
 ``backend=None`` (``"auto"`` inside the operator) picks ``"cpu"`` on CPU when the kernel builds (float32/16
-inputs, orders up to 4), ``"flex"`` on CUDA without dropout, ``"torch"`` otherwise. ``HF_MULTIMAX_BACKEND``
-(``cpu`` / ``flex`` / ``torch``) overrides the choice. A C++ kernel that fails to build, and a compiled FlexAttention
-kernel that fails, fall back to ``"torch"`` with one warning; the result is never wrong.
+inputs, orders up to 4), ``"triton"`` on CUDA, ``"torch"`` otherwise. ``HF_MULTIMAX_BACKEND`` (``cpu`` / ``triton`` /
+``flex`` / ``torch``) overrides the choice. A C++ kernel that fails to build, a Triton kernel that does not take a
+problem (order, head dimension, device, failed self-test) or fails to compile or launch, and a compiled FlexAttention
+kernel that fails all fall back to ``"torch"`` with one warning; the result is never wrong.
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ __all__ = [
     "requested_backend",
     "uses_flex",
     "with_flex_fallback",
-    "kernel_for",
+    "run_forward",
+    "run_backward",
     "select_backend",
     "cross_entropy_kernel",
 ]
 
-BACKENDS = ("cpu", "flex", "torch")
+BACKENDS = ("cpu", "triton", "flex", "torch")
+#: The kernel that can fail to compile or launch at run time (and then falls back to the blocked path).
+TRITON_MODULE = f"{__package__}.triton_kernel"
 T = TypeVar("T")
 
 
@@ -54,15 +61,14 @@ def requested_backend(backend: str | None) -> str | None:
 
 
 def uses_flex(query: torch.Tensor, dropout_p: float, requested: str | None) -> bool:
-    """Whether the call goes to FlexAttention rather than to the ``hf_multimax::attention`` operator. Decided from the
-    device and flags only, so that it is traceable."""
-    if requested is not None:
-        return requested == "flex"
-    if query.device.type != "cuda" or dropout_p != 0.0:
+    """Whether the call goes to FlexAttention rather than to the ``hf_multimax::attention`` operator: only when asked
+    for, without dropout (FlexAttention has none), on a device where it runs. Decided from the device and flags only,
+    so that it is traceable."""
+    if requested != "flex" or dropout_p != 0.0:
         return False
     from . import flex
 
-    return flex.flex_available()
+    return flex.flex_available() or query.device.type == "cpu"  # on CPU: FlexAttention's eager forward
 
 
 def with_flex_fallback(flex_call: Callable[[], T], fallback: Callable[[], T]) -> T:
@@ -77,24 +83,92 @@ def with_flex_fallback(flex_call: Callable[[], T], fallback: Callable[[], T]) ->
         return fallback()
 
 
-def kernel_for(requested: str | None, problem: AttentionProblem) -> ModuleType:
-    """The kernel module (``forward``/``backward``) that runs ``problem``, at run time: the C++ kernel for CPU float32
-    problems of order <= 4 when it builds (``"cpu"`` requested on anything else is a ``ValueError``), else the blocked
-    PyTorch path."""
-    if requested in (None, "auto", "cpu"):
-        from . import cpu
+def _prepare(requested: str | None, build: dict) -> tuple[ModuleType, AttentionProblem]:
+    """The kernel module (``forward``/``backward``) for one call and the problem in the form it takes, at run time.
 
-        fits = problem.dtype == torch.float32 and problem.q.device.type == "cpu" and problem.order <= cpu.MAX_ORDER
-        if requested == "cpu" and not fits:
-            raise ValueError(
-                f"the fused CPU kernel takes CPU tensors, float32/bfloat16/float16 and orders up to {cpu.MAX_ORDER}, got "
-                f"{problem.q.device.type} {problem.dtype} of order {problem.order}; use backend='torch' (or None)"
-            )
-        if fits and cpu.cpu_kernel_available():  # builds on first use; a failed build warns once and falls back
-            return cpu
-        if requested == "cpu":
-            raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu.cpu_kernel_status()[1]}")
-    return blocked
+    CPU: the C++ kernel for float32/bfloat16/float16 problems of order <= 4 when it builds (``"cpu"`` requested on
+    anything else is a ``ValueError``). CUDA (or ``"triton"`` requested): the Triton kernel when it takes the problem
+    (``"triton"`` requested where Triton cannot run at all is a ``RuntimeError``). Else, and for ``"torch"``: the
+    blocked PyTorch path.
+    """
+    query, order = build["q"], build["ranges"].shape[-1] // 2
+    device = query.device.type
+    if requested == "torch" or (requested in (None, "auto") and device not in ("cpu", "cuda")):
+        return blocked, AttentionProblem.build(**build)
+    if requested == "triton" or (requested in (None, "auto") and device == "cuda"):
+        from . import triton_kernel
+
+        available, why = triton_kernel.triton_status(device)
+        if not available and requested == "triton":  # asked for by name: say so rather than run something else
+            raise RuntimeError(f"the Triton MultiMax kernel is unavailable: {why}")
+        problem = AttentionProblem.build(**build, native_dtype=triton_kernel.NATIVE_DTYPE)
+        if problem.is_empty:
+            return blocked, problem.in_compute_dtype()
+        reason = triton_kernel.unsupported(problem)
+        if reason is None:
+            return triton_kernel, problem
+        _warn_once(f"Triton MultiMax attention cannot run {triton_kernel.describe(problem)}: {reason}; using the "
+                   "blocked PyTorch path.")  # fmt: skip
+        return blocked, problem.in_compute_dtype()
+    from . import cpu
+
+    problem = AttentionProblem.build(**build)
+    fits = problem.dtype == torch.float32 and device == "cpu" and order <= cpu.MAX_ORDER
+    if requested == "cpu" and not fits:
+        raise ValueError(
+            f"the fused CPU kernel takes CPU tensors, float32/bfloat16/float16 and orders up to {cpu.MAX_ORDER}, got "
+            f"{device} {query.dtype} of order {order}; use backend='torch' (or None)"
+        )
+    if fits and cpu.cpu_kernel_available():  # builds on first use; a failed build warns once (cpu.py) and falls back
+        return cpu, problem
+    if requested == "cpu":
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu.cpu_kernel_status()[1]}")
+    return blocked, problem
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def _launch_failed(kernel: ModuleType, problem: AttentionProblem, error: Exception) -> AttentionProblem:
+    """A Triton kernel that failed to compile or launch: say so once; the problem for the blocked path."""
+    from . import triton_kernel
+
+    _warn_once(f"Triton MultiMax attention failed on {triton_kernel.describe(problem)} ({type(error).__name__}: "
+               f"{error}); using the blocked PyTorch path.")  # fmt: skip
+    return problem.in_compute_dtype()
+
+
+def run_forward(requested: str | None, build: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, stats)`` of the attention call described by ``build`` (the keyword arguments of
+    :meth:`AttentionProblem.build`), on the kernel :func:`_prepare` picks."""
+    kernel, problem = _prepare(requested, build)
+    if kernel.__name__ != TRITON_MODULE:
+        return kernel.forward(problem)
+    try:
+        return kernel.forward(problem)
+    except Exception as error:  # compile or launch error of the Triton kernel: the PyTorch path is always right
+        return blocked.forward(_launch_failed(kernel, problem, error))
+
+
+def run_backward(requested: str | None, build: dict, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor,
+                 need_bias_grad: bool):  # fmt: skip
+    """``(problem, (dq, dk, dv, sums, dbias))`` of the attention call described by ``build``, given the forward's
+    output and statistics and the output's gradient."""
+    kernel, problem = _prepare(requested, build)
+    args = (out.to(problem.dtype), stats.to(problem.dtype), dout.to(problem.dtype), need_bias_grad)
+    if kernel.__name__ != TRITON_MODULE:
+        return problem, kernel.backward(problem, *args)
+    try:
+        return problem, kernel.backward(problem, *args)
+    except Exception as error:
+        problem = _launch_failed(kernel, problem, error)
+        return problem, blocked.backward(problem, *args)
 
 
 def select_backend(query: torch.Tensor, order: int, dropout_p: float, backend: str | None = None) -> str:
@@ -109,6 +183,11 @@ def select_backend(query: torch.Tensor, order: int, dropout_p: float, backend: s
 
         if order <= cpu.MAX_ORDER and cpu.cpu_kernel_available():
             return "cpu"
+    if query.device.type == "cuda":
+        from . import triton_kernel
+
+        if triton_kernel.triton_available("cuda"):
+            return "triton"
     return "torch"
 
 

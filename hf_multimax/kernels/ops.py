@@ -8,7 +8,7 @@ their backward registered through ``register_autograd``.
 * ``hf_multimax::linear_seglu_cross_entropy``: the output layer's σ + cross-entropy over chunks of rows, which
   returns the loss and the gradients it computes on the way (the backward scales them).
 
-The operators' implementations run the kernel :func:`hf_multimax.kernels.dispatch.kernel_for` picks, at run time:
+The operators' implementations run the kernel :mod:`hf_multimax.kernels.dispatch` picks, at run time:
 building the C++ kernel, its lock and its ctypes structures stay out of any traced region. The Python functions users
 call (:func:`multimax_attention`, :func:`linear_seglu_cross_entropy`) are thin and traceable: they check their inputs
 from shapes and dtypes only, and draw the dropout seed as a tensor.
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .problem import AttentionProblem, check_inputs, parameter_grads
+from .problem import check_inputs, parameter_grads
 
 __all__ = ["multimax_attention", "linear_seglu_cross_entropy", "OPS"]
 
@@ -31,9 +31,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _problem(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p) -> AttentionProblem:
-    return AttentionProblem.build(query, key, value, ranges, ts, scale=scale, mask=mask, causal=causal, bias=bias,
-                                  dropout_p=dropout_p, seed=int(seed.item()))  # fmt: skip
+def _build(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p) -> dict:
+    """The keyword arguments of :meth:`AttentionProblem.build` for one call."""
+    return dict(q=query, k=key, v=value, ranges=ranges, ts=ts, scale=scale, mask=mask, causal=causal, bias=bias,
+                dropout_p=dropout_p, seed=int(seed.item()))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -56,8 +57,8 @@ def attention(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Lq, H, Dv), stats (2, B, H, Lq))`` in the compute dtype (float32; float64 for float64 inputs)."""
-    problem = _problem(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p)
-    out, stats = dispatch.kernel_for(backend, problem).forward(problem)
+    out, stats = dispatch.run_forward(backend, _build(query, key, value, ranges, ts, bias, mask, seed, scale, causal,
+                                                      dropout_p))  # fmt: skip
     return out.contiguous(), stats.contiguous()
 
 
@@ -89,10 +90,9 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(d query, d key, d value, d ranges, d ts, d bias)`` in the inputs' dtypes and shapes (contiguous); ``d bias``
     is empty when it is not needed."""
-    problem = _problem(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p)
-    kernel = dispatch.kernel_for(backend, problem)
-    dq, dk, dv, sums, dbias = kernel.backward(problem, out.to(problem.dtype), stats, grad_out.to(problem.dtype),
-                                              need_bias_grad and bias is not None)  # fmt: skip
+    build = _build(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p)
+    problem, (dq, dk, dv, sums, dbias) = dispatch.run_backward(backend, build, out, stats, grad_out,
+                                                               need_bias_grad and bias is not None)  # fmt: skip
     d_ranges, d_ts = parameter_grads(problem, sums, ranges.dtype)
     d_bias = problem.reduce_bias_grad(dbias).to(bias.dtype).contiguous() if dbias is not None else query.new_empty(0)
     return (dq.to(query.dtype).contiguous(), dk.to(key.dtype).contiguous(), dv.to(value.dtype).contiguous(),
@@ -158,7 +158,8 @@ def multimax_attention(
         position_bias: float score bias added before σ (T5), broadcastable to (batch, heads, q_len, kv_len); it gets
             a gradient when it requires one.
         dropout_p: dropout on the attention probabilities (reproducible under ``torch.manual_seed``).
-        backend: ``"cpu"``, ``"flex"``, ``"torch"`` or ``None`` (automatic, see :mod:`hf_multimax.kernels.dispatch`).
+        backend: ``"cpu"``, ``"triton"``, ``"flex"``, ``"torch"`` or ``None`` (automatic, see
+            :mod:`hf_multimax.kernels.dispatch`).
 
     Returns:
         (batch, q_len, heads, v_dim) in the dtype of ``query``: the layout attention modules reshape from.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -99,6 +100,17 @@ class AttentionProblem:
         shape = _bias4d_shape(self.bias_shape)
         return (1 if shape[0] == 1 else self.batch), (1 if shape[1] == 1 else self.heads)
 
+    @property
+    def is_empty(self) -> bool:
+        """An empty dimension: nothing for a kernel to do (the blocked path returns the empty results)."""
+        return 0 in (self.batch, self.heads, self.q_len, self.kv_len, self.head_dim, self.v_dim)
+
+    def in_compute_dtype(self) -> "AttentionProblem":
+        """This problem with query, key and value in the compute dtype (undoing ``native_dtype``)."""
+        if self.q.dtype == self.dtype:
+            return self
+        return dataclasses.replace(self, q=self.q.to(self.dtype), k=self.k.to(self.dtype), v=self.v.to(self.dtype))
+
     def reduce_bias_grad(self, dbias: torch.Tensor) -> torch.Tensor:
         """Sum a (slots..., Lq, Lk) bias gradient down to the caller's bias shape."""
         return dbias.sum_to_size(_bias4d_shape(self.bias_shape)).reshape(self.bias_shape)
@@ -118,11 +130,18 @@ class AttentionProblem:
         bias: torch.Tensor | None,
         dropout_p: float,
         seed: int | None = None,
+        native_dtype: bool = False,
     ) -> "AttentionProblem":
+        """Normalise one call. With ``native_dtype``, bfloat16/float16 query, key and value (all three in the same
+        dtype) are kept in that dtype instead of float32 copies, for kernels that multiply them in that dtype and
+        accumulate in float32 themselves (:mod:`.triton_kernel`); ``dtype`` stays the float32 compute dtype."""
         order = check_inputs(q, k, v, ranges, ts, mask=mask, bias=bias, dropout_p=dropout_p)
         b, h, lq, _ = q.shape
         lk = k.shape[2]
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        operands = dtype
+        if native_dtype and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype == v.dtype:
+            operands = q.dtype
         r32, t32 = ranges.detach().to(dtype), ts.detach().to(dtype)
         if mask is not None:
             # Boolean masks stay boolean (the kernels read one byte per score); float masks get -inf where masked.
@@ -134,9 +153,9 @@ class AttentionProblem:
             bias = _broadcast_view(bias.detach().to(dtype), (b, h, lq, lk))
         return cls(
             dtype=dtype,
-            q=_rows(q.detach(), dtype),
-            k=_rows(k.detach(), dtype),
-            v=_rows(v.detach(), dtype),
+            q=_rows(q.detach(), operands),
+            k=_rows(k.detach(), operands),
+            v=_rows(v.detach(), operands),
             ranges=r32,
             ts=t32,
             ranges_per_head=r32.expand(h, 2 * order).contiguous(),

@@ -1,0 +1,724 @@
+"""MultiMax attention in Triton: ``softmax(σ(scale·Q·Kᵀ + bias) + mask)·V`` with exact gradients.
+
+The CUDA default of ``multimax_attention`` (and ``backend="triton"``). On CUDA it compiles for the GPU; on CPU tensors with
+``TRITON_INTERPRET=1`` (set before :mod:`triton` is first imported) the same kernels run in Triton's interpreter,
+which is how the tests check them without a GPU. Triton is optional: without it this module imports,
+:func:`triton_available` is False and ``backend="triton"`` raises.
+
+Algorithm (flash-attention 2, three kernels, same contract as :mod:`.blocked` and :mod:`.cpu`):
+
+* ``_fwd_kernel``, grid (query tiles, batch·heads): one program holds a ``BLOCK_M × D`` query tile and streams key/value
+  tiles of ``BLOCK_N`` rows (causal: only up to the tile's last query, later tiles are skipped), computes
+  ``s = scale·q·kᵀ + bias``, ``z = σ(s)`` then the mask (bool: ``-inf`` where False; float: added after σ), and keeps
+  an online softmax (row max ``m``, running sum ``l``, output accumulator, all float32 or float64). It writes the
+  output (B, Lq, H, Dv) and the statistics (2, B, H, Lq) = (m, log l); ``m = -inf`` marks a row with nothing to
+  attend, whose output is 0.
+* ``_bwd_dkdv_kernel``, grid (key tiles, batch·kv_heads): one program holds a key/value tile and loops over the query
+  heads of its GQA group (key/value heads are never copied) and over the query tiles that can see it (causal: from
+  the diagonal on), recomputes the probabilities from the statistics, and accumulates ``dV = Pᵀ·dO`` and
+  ``dK = scale·dSᵀ·Q`` in registers, with ``dP = dO·Vᵀ``, ``dZ = P ⊙ (dP − rowsum(dO ⊙ O))`` and
+  ``dS = dZ ⊙ σ'(s)``.
+* ``_bwd_dq_kernel``, grid (query tiles, groups): one program holds a query tile, recomputes the same tiles along the
+  key axis and accumulates ``dQ = scale·dS·K``; it also produces the score-bias gradient and the ``ranges``/``ts``
+  reductions (below). A group is one (batch, head) pair, or, when the bias is broadcast over batch and/or heads and
+  its gradient is wanted, all the pairs that share one slice of the bias gradient: that program is the slice's only
+  writer and adds each pair's ``dS`` into it in a fixed order (no atomics, no races).
+
+dQ and dK/dV come from separate kernels, so no tile is written by two programs and the backward needs no atomics
+(FlashAttention-2 adds dQ with atomics); the price is recomputing ``Q·Kᵀ`` and ``dO·Vᵀ`` once more (7 tile matrix
+products instead of 5), which the deterministic result is worth.
+
+The ranges/ts reduction: each ``_bwd_dq_kernel`` program sums, per tile, ``dZ·a^n`` and ``dZ·a^(n-1)`` over its
+``BLOCK_M × BLOCK_N`` scores in float32 (``a = relu(r − s)`` below, ``relu(s − r)`` above, ``a^0`` the indicator),
+accumulates the tile sums in float64 across its key tiles, and stores the 4N partial sums of its (batch, head,
+query tile) into its own row of a (B, H, query tiles, 4N) float64 buffer; one PyTorch reduction over batches and
+tiles then gives the (H, 4N) sums of :func:`~hf_multimax.kernels.problem.parameter_grads`. Partial sums rather
+than float32 atomics, because the result is then bit-identical from run to run (atomics add in arrival order) and a
+sum over every score of a long sequence (millions of terms) keeps float64 accuracy; the buffer is tiny.
+
+Tiles: ``BLOCK_M = BLOCK_N = 64`` query × key rows, 4 warps, 2 pipeline stages in all three kernels by default
+(:data:`TILES`; halved to 32 × 32 with one stage on the GPU when a tile row of the operands exceeds 512 bytes, i.e.
+float32 past head dimension 128, so that the shared memory stays within an H100/H200 SM's 227 KB). The head dimension
+is padded to a power of two, at least 16, as ``tl.dot`` wants. Lengths need not be multiples of the tiles: rows and
+columns past the end are masked to ``-inf`` (probability 0, gradient 0) and never stored, so no NaN can arise there.
+Not autotuned yet (:func:`compile_offline` compiles the kernels for sm_90 without a GPU, to check that a
+configuration compiles and fits).
+
+Precision: σ, σ', the softmax and every accumulator are float32 (float64 for float64 inputs, so ``gradcheck``
+works); float32 inputs multiply in IEEE float32 (not TF32). bfloat16/float16 inputs (kept in their dtype by
+``AttentionProblem.build(native_dtype=True)``) are multiplied as they come, with float32 accumulation; ``P`` and
+``dS`` are rounded to that dtype for ``dV = Pᵀ·dO``, ``dK`` and ``dQ``, as FlashAttention does. The output's ``P·V``
+is the exception (:data:`PRECISION` ``["split_pv"]``, on by default): ``P`` is split into its rounded value and the
+rounding error, two products, so that the output (hence ``rowsum(dO ⊙ O)`` in the backward) matches the float32
+probabilities the backward recomputes; otherwise every row's ``dZ`` stops summing to zero and the ``ranges``/``ts``
+gradients, sums over all scores, drift (by ~4e-2 of their scale in bfloat16, against 4e-3 with the split).
+``PRECISION["split_ds"]`` splits ``dS`` the same way for ``dQ``/``dK`` (float32-level gradients, two more products).
+The interpreter's ``tl.dot`` cannot multiply bfloat16 (it sees the raw 16-bit patterns), so there the operands are
+widened to float32 first: products of bfloat16 values are exact in float32, so the result is the one a GPU's
+float32-accumulating products give.
+
+Dropout uses the counter-based hash of :func:`hf_multimax.kernels.blocked.dropout_keep_scale` (and the C++ kernel),
+bit for bit (32-bit integer arithmetic in the kernel): the three backends drop the same entries for the same seed, and
+the backward regenerates the mask instead of storing it.
+
+Bad input never gives a wrong result: orders above :data:`MAX_ORDER`, head dimensions above :data:`MAX_HEAD_DIM`,
+tensors on a device Triton cannot run on here, or a failed first-use self-test (a tiny problem compared with the
+PyTorch path) make :func:`unsupported` say why, and a compile or launch error raises; either way
+:mod:`hf_multimax.kernels.dispatch` sends the call to the blocked PyTorch path with one warning naming the shapes and
+the dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+from . import blocked
+from .problem import AttentionProblem, dropout_threshold
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "triton_available", "triton_status", "unsupported", "describe", "forward", "backward", "compile_offline",
+    "MAX_ORDER", "MAX_HEAD_DIM", "TILES", "PRECISION", "NATIVE_DTYPE",
+]  # fmt: skip
+
+#: The kernels multiply bfloat16/float16 operands as they come (``AttentionProblem.build(native_dtype=True)``).
+NATIVE_DTYPE = True
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = None
+except ImportError as _error:  # optional dependency
+    triton = tl = None
+    _IMPORT_ERROR = f"{type(_error).__name__}: {_error}"
+
+#: Orders with a compiled path (higher orders use the blocked PyTorch path).
+MAX_ORDER = 4
+#: Largest head dimension (query/key and value) the kernels take: register tiles of 64 × 256 float32 per program.
+MAX_HEAD_DIM = 256
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, fixed (no autotuning yet: the dQ kernel's read-add-write of
+#: the bias gradient would need ``reset_to_zero`` under the autotuner). The interpreter ignores warps and stages.
+TILES = {"forward": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+#: Two-product splits for bfloat16/float16 operands (see the module docstring).
+PRECISION = {"split_pv": True, "split_ds": False}
+
+_LOCK = threading.Lock()
+_VERIFIED: dict[str, str | None] = {}  # device type -> None (self-test passed) or the reason it failed
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _knobs_interpret() -> bool:
+    """What ``@triton.jit`` decides now: interpreter or compiler."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older triton: the environment variable
+        return _interpreting()
+
+
+def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """``(available, reason)``: Triton imports and can run here: CUDA is present (for CUDA tensors), or
+    ``TRITON_INTERPRET=1`` (CPU tensors, in the interpreter). ``device`` narrows the question to one device type."""
+    if triton is None:
+        return False, f"triton is not installed ({_IMPORT_ERROR})"
+    kind = None if device is None else torch.device(device).type
+    cuda = torch.cuda.is_available()
+    if kind == "cpu" or (kind is None and not cuda):
+        if _INTERPRETED:
+            return True, "interpreter (TRITON_INTERPRET=1)"
+        if _interpreting():
+            return False, "TRITON_INTERPRET=1 was set after hf_multimax.kernels.triton_kernel was imported"
+        return False, "CPU tensors need TRITON_INTERPRET=1 (set before this module is imported)" + (
+            "" if cuda else "; no CUDA device"
+        )
+    if kind not in (None, "cuda"):
+        return False, f"Triton does not run on {kind} tensors"
+    return (True, "CUDA") if cuda else (False, "no CUDA device")
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels can run: triton is importable and CUDA is present or ``TRITON_INTERPRET=1``."""
+    return triton_status(device)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, DOT: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr):
+        """``a @ b`` with operands in ``DOT`` and an ``ACC`` accumulator (``WIDEN``: operands widened to float32,
+        for the interpreter)."""
+        a = a.to(DOT)
+        b = b.to(DOT)
+        if WIDEN:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, out_dtype=ACC, input_precision="ieee")
+        return tl.dot(a, b, out_dtype=ACC)
+
+    @triton.jit
+    def _dot_split(a, b, DOT: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr, SPLIT: tl.constexpr):
+        """``a @ b`` for a float32 ``a`` (probabilities, dS): with ``SPLIT`` and half-precision operands, ``a`` is
+        split into a rounded part and its rounding error, two products whose sum is accurate to about 2^-16."""
+        if SPLIT:  # set by the host only for bfloat16/float16 operands
+            hi = a.to(DOT)
+            lo = (a - hi.to(a.dtype)).to(DOT)
+            return _dot(hi, b, DOT, ACC, WIDEN) + _dot(lo, b, DOT, ACC, WIDEN)
+        return _dot(a, b, DOT, ACC, WIDEN)
+
+    @triton.jit
+    def _add_combine(a, b):
+        return a + b
+
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+    # The kernels reduce with ``tl.reduce`` rather than ``tl.sum``/``tl.max`` (and fill with ``tl.full``, not
+    # ``tl.zeros``): those are ``@jit`` functions of ``triton.language``, decorated when triton is imported, so they
+    # cannot run in the interpreter when triton was imported (by torch or transformers) before ``TRITON_INTERPRET=1``
+    # was set. In the interpreter the combine functions are Triton's own, which it runs as numpy reductions (any other
+    # runs element by element in Python); compiled, they are this module's, which work whatever mode triton.language
+    # was decorated in (the same code as ``tl.sum``/``tl.max``).
+    if _knobs_interpret():
+        _SUM = tl.standard._sum_combine
+        _MAX = tl.standard._elementwise_max
+    else:
+        _SUM, _MAX = _add_combine, _max_combine
+
+    @triton.jit
+    def _lowbias32(x):
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _keep(seed, bh, Lq, offs_m, offs_n, threshold):
+        """Dropout keep mask of a tile: the hash of :func:`blocked.dropout_keep_scale`, bit for bit."""
+        row = ((bh.to(tl.int64) * Lq + offs_m.to(tl.int64)) & 0xFFFFFFFF).to(tl.uint32)
+        key = _lowbias32((seed.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32) ^ _lowbias32(row))
+        cols = offs_n.to(tl.uint32) * 0x9E3779B9
+        u = _lowbias32(key[:, None] ^ cols[None, :])
+        return (u >> 8) >= threshold.to(tl.uint32)
+
+    @triton.jit
+    def _sigma(s, R, T, ORDER: tl.constexpr):
+        """σ(s); powers by repeated products (helpers are inlined by hand: each nested call costs the interpreter)."""
+        z = s
+        for n in tl.static_range(1, ORDER + 1):
+            below = tl.maximum(tl.load(R + 2 * n - 2).to(s.dtype) - s, 0.0)
+            above = tl.maximum(s - tl.load(R + 2 * n - 1).to(s.dtype), 0.0)
+            below_n = below
+            above_n = above
+            for _ in tl.static_range(n - 1):
+                below_n = below_n * below
+                above_n = above_n * above
+            z += tl.load(T + 2 * n - 2).to(s.dtype) * below_n + tl.load(T + 2 * n - 1).to(s.dtype) * above_n
+        return z
+
+    @triton.jit
+    def _sigma_backward(s, dz, R, T, sums, offs_s, ORDER: tl.constexpr, SUMS: tl.constexpr):
+        """``(dz·σ'(s), sums + this tile's Σ dz·a^n (slots 0..2N-1) and Σ dz·a^(n-1) (slots 2N..4N-1))``."""
+        deriv = tl.full(s.shape, 1.0, s.dtype)
+        for n in tl.static_range(1, ORDER + 1):
+            for side in tl.static_range(2):
+                r = tl.load(R + 2 * n - 2 + side).to(s.dtype)
+                t = tl.load(T + 2 * n - 2 + side).to(s.dtype)
+                if side == 0:
+                    a = tl.maximum(r - s, 0.0)
+                else:
+                    a = tl.maximum(s - r, 0.0)
+                if n == 1:
+                    a_prev = tl.where(a > 0, 1.0, 0.0).to(s.dtype)
+                else:
+                    a_prev = a
+                    for _ in tl.static_range(n - 2):
+                        a_prev = a_prev * a
+                if side == 0:
+                    deriv -= (n * t) * a_prev
+                else:
+                    deriv += (n * t) * a_prev
+                if SUMS:
+                    w = dz * a_prev
+                    sums += tl.where(offs_s == 2 * n - 2 + side, tl.reduce(w * a, None, _SUM).to(tl.float64), 0.0)
+                    sums += tl.where(offs_s == 2 * ORDER + 2 * n - 2 + side, tl.reduce(w, None, _SUM).to(tl.float64), 0.0)
+        return dz * deriv, sums
+
+    @triton.jit
+    def _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale,
+                Bias, sbb, sbh, sbm, Mask, smb, smh, smm, R, T,
+                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, ORDER: tl.constexpr,
+                ACC: tl.constexpr, DOT: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+        """``(s, z)`` of one tile: ``s = scale·q·kᵀ (+ bias)``, ``z = σ(s)`` masked (``-inf``: not attended)."""
+        s = _dot(q, tl.trans(k), DOT, ACC, WIDEN) * scale
+        inside = (offs_m < Lq)[:, None] & (offs_n < Lk)[None, :]
+        rows = offs_m.to(tl.int64)[:, None]
+        cols = offs_n[None, :]
+        if HAS_BIAS:
+            s += tl.load(Bias + b * sbb + h * sbh + rows * sbm + cols, mask=inside, other=0.0).to(ACC)
+        z = _sigma(s, R, T, ORDER)
+        valid = inside
+        if CAUSAL:
+            valid = valid & (cols <= offs_m[:, None])
+        if MASK_KIND == 1:
+            keep = tl.load(Mask + b * smb + h * smh + rows * smm + cols, mask=inside, other=0)
+            valid = valid & (keep != 0)
+        if MASK_KIND == 2:
+            z += tl.load(Mask + b * smb + h * smh + rows * smm + cols, mask=inside, other=0.0).to(ACC)
+        z = tl.where(valid, z, float("-inf"))
+        return s, z
+
+    @triton.jit
+    def _probabilities(z, m, log_l):
+        """``exp(z - m - log l)``, 0 where ``z = -inf`` and on rows with nothing to attend (``m = -inf``)."""
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        return tl.exp(z - m_safe[:, None] - log_l[:, None])
+
+    @triton.jit(do_not_specialize=["seed", "threshold"])
+    def _fwd_kernel(Q, K, V, Bias, Mask, R, T, C, Out, Stats,
+                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, smb, smh, smm, sob, som, soh,
+                    B, H, N_REP, Lq, Lk, D, DV, seed, threshold,
+                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                    ORDER: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, WIDEN: tl.constexpr,
+                    SPLIT_PV: tl.constexpr, SPLIT_DS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        kvh = h // N_REP
+        scale = tl.load(C).to(ACC)
+        keep_scale = tl.load(C + 1).to(ACC)
+        R += h * 2 * ORDER
+        T += h * 2 * ORDER
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        rows = offs_m.to(tl.int64)[:, None]
+        q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
+                    mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.full([BLOCK_M], 0.0, ACC)
+        acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, ACC)
+        kv_end = Lk
+        if CAUSAL:
+            kv_end = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)  # later key tiles are fully masked: skipped
+        for start_n in range(0, kv_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            keys = offs_n.to(tl.int64)[:, None]
+            k = tl.load(K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
+                        mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+            _, z = _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale, Bias, sbb, sbh, sbm, Mask, smb, smh, smm, R, T,
+                           CAUSAL, MASK_KIND, HAS_BIAS, ORDER, ACC, DOT, WIDEN)  # fmt: skip
+            m_new = tl.maximum(m_i, tl.reduce(z, 1, _MAX))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(z - m_safe[:, None])
+            l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+            if DROPOUT:
+                p = tl.where(_keep(seed, bh, Lq, offs_m, offs_n, threshold), p * keep_scale, 0.0)
+            v = tl.load(V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
+                        mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + _dot_split(p, v, DOT, ACC, WIDEN, SPLIT_PV)
+            m_i = m_new
+        empty = m_i == float("-inf")
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        log_l = tl.where(empty, 0.0, tl.log(tl.where(empty, 1.0, l_i)))
+        tl.store(Out + b * sob + h * soh + rows * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
+                 mask=(offs_m < Lq)[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
+        stat = Stats + (b * H + h) * Lq + offs_m
+        tl.store(stat, m_i.to(Stats.dtype.element_ty), mask=offs_m < Lq)
+        tl.store(stat + B * H * Lq, log_l.to(Stats.dtype.element_ty), mask=offs_m < Lq)
+
+    @triton.jit(do_not_specialize=["seed", "threshold"])
+    def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, R, T, C, Stats, Delta, DO, DK, DV_,
+                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, smb, smh, smm, sdb, sdm, sdh,
+                         B, H, HKV, N_REP, Lq, Lk, D, DV, seed, threshold,
+                         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DROPOUT: tl.constexpr, ORDER: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                         WIDEN: tl.constexpr, SPLIT_PV: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         NS: tl.constexpr):  # fmt: skip
+        pid_n = tl.program_id(0)
+        bkv = tl.program_id(1)
+        b = (bkv // HKV).to(tl.int64)
+        kvh = (bkv % HKV).to(tl.int64)
+        scale = tl.load(C).to(ACC)
+        keep_scale = tl.load(C + 1).to(ACC)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        keys = offs_n.to(tl.int64)[:, None]
+        k = tl.load(K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
+                    mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+        v = tl.load(V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
+                    mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+        dk = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
+        dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
+        offs_s = tl.arange(0, NS)
+        unused_sums = tl.full([NS], 0.0, tl.float64)
+        start_m0 = 0
+        if CAUSAL:
+            start_m0 = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query tiles see none of these keys
+        for rep in range(0, N_REP):
+            h = kvh * N_REP + rep
+            Rh = R + h * 2 * ORDER
+            Th = T + h * 2 * ORDER
+            for start_m in range(start_m0, Lq, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                rows = offs_m.to(tl.int64)[:, None]
+                in_q = offs_m < Lq
+                q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
+                            mask=in_q[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+                do = tl.load(DO + b * sdb + h * sdh + rows * sdm + offs_dv[None, :],
+                             mask=in_q[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+                stat = Stats + (b * H + h) * Lq + offs_m
+                m = tl.load(stat, mask=in_q, other=float("-inf")).to(ACC)
+                log_l = tl.load(stat + B * H * Lq, mask=in_q, other=0.0).to(ACC)
+                delta = tl.load(Delta + (b * H + h) * Lq + offs_m, mask=in_q, other=0.0).to(ACC)
+                s, z = _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale, Bias, sbb, sbh, sbm, Mask, smb, smh, smm,
+                               Rh, Th, CAUSAL, MASK_KIND, HAS_BIAS, ORDER, ACC, DOT, WIDEN)  # fmt: skip
+                p = _probabilities(z, m, log_l)
+                dp = _dot(do, tl.trans(v), DOT, ACC, WIDEN)
+                if DROPOUT:
+                    keep = _keep(seed, b * H + h, Lq, offs_m, offs_n, threshold)
+                    dv += _dot(tl.trans(tl.where(keep, p * keep_scale, 0.0)), do, DOT, ACC, WIDEN)
+                    dp = tl.where(keep, dp * keep_scale, 0.0)
+                else:
+                    dv += _dot(tl.trans(p), do, DOT, ACC, WIDEN)
+                dz = p * (dp - delta[:, None])
+                ds, _ = _sigma_backward(s, dz, Rh, Th, unused_sums, offs_s, ORDER, False)
+                dk += _dot_split(tl.trans(ds), q, DOT, ACC, WIDEN, SPLIT_DS)
+        mask_k = (offs_n < Lk)[:, None]
+        tl.store(DK + (b * HKV + kvh) * Lk * D + keys * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=mask_k & (offs_d < D)[None, :])  # fmt: skip
+        tl.store(DV_ + (b * HKV + kvh) * Lk * DV + keys * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+                 mask=mask_k & (offs_dv < DV)[None, :])  # fmt: skip
+
+    @triton.jit(do_not_specialize=["seed", "threshold"])
+    def _bwd_dq_kernel(Q, K, V, Bias, Mask, R, T, C, Stats, Delta, DO, DQ, Partial, DBias,
+                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, smb, smh, smm, sdb, sdm, sdh,
+                       B, H, N_REP, Lq, Lk, D, DV, seed, threshold, DB_H, GROUP_B, GROUP_H, N_QB,
+                       CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                       BIAS_GRAD: tl.constexpr, ORDER: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                       WIDEN: tl.constexpr, SPLIT_PV: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       NS: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        group = tl.program_id(1)
+        # The group's (batch, head) pairs: GROUP_B batches × GROUP_H heads that share one bias-gradient slice
+        # (gb, gh) (GROUP_B = GROUP_H = 1 without a bias gradient or with a full one).
+        gb = (group // DB_H).to(tl.int64)
+        gh = (group % DB_H).to(tl.int64)
+        scale = tl.load(C).to(ACC)
+        keep_scale = tl.load(C + 1).to(ACC)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_s = tl.arange(0, NS)
+        rows = offs_m.to(tl.int64)[:, None]
+        in_q = offs_m < Lq
+        kv_end = Lk
+        if CAUSAL:
+            kv_end = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+        for member in range(0, GROUP_B * GROUP_H):
+            b = gb + member // GROUP_H
+            h = gh + member % GROUP_H
+            kvh = h // N_REP
+            Rh = R + h * 2 * ORDER
+            Th = T + h * 2 * ORDER
+            q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
+                        mask=in_q[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+            do = tl.load(DO + b * sdb + h * sdh + rows * sdm + offs_dv[None, :],
+                         mask=in_q[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+            stat = Stats + (b * H + h) * Lq + offs_m
+            m = tl.load(stat, mask=in_q, other=float("-inf")).to(ACC)
+            log_l = tl.load(stat + B * H * Lq, mask=in_q, other=0.0).to(ACC)
+            delta = tl.load(Delta + (b * H + h) * Lq + offs_m, mask=in_q, other=0.0).to(ACC)
+            dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
+            sums = tl.full([NS], 0.0, tl.float64)
+            for start_n in range(0, kv_end, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                keys = offs_n.to(tl.int64)[:, None]
+                k = tl.load(K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
+                            mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+                v = tl.load(V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
+                            mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+                s, z = _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale, Bias, sbb, sbh, sbm, Mask, smb, smh, smm,
+                               Rh, Th, CAUSAL, MASK_KIND, HAS_BIAS, ORDER, ACC, DOT, WIDEN)  # fmt: skip
+                p = _probabilities(z, m, log_l)
+                dp = _dot(do, tl.trans(v), DOT, ACC, WIDEN)
+                if DROPOUT:
+                    keep = _keep(seed, b * H + h, Lq, offs_m, offs_n, threshold)
+                    dp = tl.where(keep, dp * keep_scale, 0.0)
+                dz = p * (dp - delta[:, None])
+                ds, sums = _sigma_backward(s, dz, Rh, Th, sums, offs_s, ORDER, True)
+                if BIAS_GRAD:
+                    # This program is the only writer of these rows of slice (gb, gh): a plain read-add-write.
+                    inside = in_q[:, None] & (offs_n < Lk)[None, :]
+                    ptr = DBias + (gb * DB_H + gh) * Lq * Lk + rows * Lk + offs_n[None, :]
+                    old = tl.load(ptr, mask=inside, other=0.0)
+                    tl.store(ptr, (old + ds).to(DBias.dtype.element_ty), mask=inside)
+                dq += _dot_split(ds, k, DOT, ACC, WIDEN, SPLIT_DS)
+            tl.store(DQ + (b * H + h) * Lq * D + rows * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                     mask=in_q[:, None] & (offs_d < D)[None, :])  # fmt: skip
+            tl.store(Partial + ((b * H + h) * N_QB + pid_m) * NS + offs_s, sums)
+
+
+#: Whether the kernels were decorated for the interpreter (``TRITON_INTERPRET=1`` when this module was imported).
+_INTERPRETED = triton is not None and type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+class _Unsupported(ValueError):
+    """A problem the kernels do not take (routed to the blocked path)."""
+
+
+def _describe(p: AttentionProblem) -> str:
+    name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
+    return (
+        f"query {tuple(p.q.shape)}, key {tuple(p.k.shape)}, value {tuple(p.v.shape)} {name(p.q.dtype)} (compute "
+        f"{name(p.dtype)}), order {p.order}, device {p.q.device.type}"
+    )
+
+
+def _check(p: AttentionProblem) -> None:
+    ok, reason = triton_status(p.q.device)
+    if not ok:
+        raise _Unsupported(reason)
+    if p.order < 1 or p.order > MAX_ORDER:
+        raise _Unsupported(f"order {p.order} (the Triton kernel has orders 1 to {MAX_ORDER})")
+    if p.head_dim > MAX_HEAD_DIM or p.v_dim > MAX_HEAD_DIM:
+        raise _Unsupported(f"head dimension {p.head_dim}/{p.v_dim} above {MAX_HEAD_DIM}")
+    if p.q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise _Unsupported(f"dtype {p.q.dtype}")
+    if p.k.dtype != p.q.dtype or p.v.dtype != p.q.dtype:
+        raise _Unsupported("query, key and value in different dtypes")
+
+
+def _tiles(p: AttentionProblem, kind: str, gpu: bool | None = None) -> tuple[int, int, int, int]:
+    """:data:`TILES` ``[kind]``, halved (one pipeline stage) when a tile row of the operands takes more than 512 bytes
+    (float32 past head dimension 128, float64 past 64): float32 at head dimension 256 would need ~230-300 KB of
+    shared memory with 64-row tiles, more than an H100/H200 SM has (227 KB)."""
+    block_m, block_n, warps, stages = TILES[kind]
+    row_bytes = max(_pad(p.head_dim), _pad(p.v_dim)) * p.q.element_size()
+    if row_bytes > 512 and (p.q.device.type == "cuda" if gpu is None else gpu):
+        return max(16, block_m // 2), max(16, block_n // 2), warps, 1
+    return block_m, block_n, warps, stages
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _common(p: AttentionProblem) -> dict:
+    """Arguments shared by the three kernels (pointers, strides, sizes, switches)."""
+    dummy = p.q  # never read: the switches keep the kernels away from absent operands
+    bias, mask = p.bias, p.mask
+    acc = tl.float64 if p.dtype == torch.float64 else tl.float32
+    dot = {torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(p.q.dtype, tl.float32)
+    half = p.q.dtype in (torch.bfloat16, torch.float16)
+    widen = half and _INTERPRETED
+    consts = torch.tensor([p.scale, 1.0 / (1.0 - p.dropout_p)], dtype=p.dtype, device=p.q.device)
+    return dict(
+        tensors=(p.q, p.k, p.v, bias if bias is not None else dummy, mask if mask is not None else dummy,
+                 p.ranges_per_head, p.ts_per_head, consts),
+        strides=(*p.q.stride()[:3], *p.k.stride()[:3], *p.v.stride()[:3],
+                 *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
+                 *(mask.stride()[:3] if mask is not None else (0, 0, 0))),
+        flags=dict(CAUSAL=p.causal, MASK_KIND=0 if mask is None else (1 if mask.dtype == torch.bool else 2),
+                   HAS_BIAS=bias is not None, DROPOUT=p.dropout_p > 0, ORDER=p.order, ACC=acc, DOT=dot, WIDEN=widen,
+                   SPLIT_PV=half and PRECISION["split_pv"], SPLIT_DS=half and PRECISION["split_ds"],
+                   BLOCK_D=_pad(p.head_dim), BLOCK_DV=_pad(p.v_dim)),
+        seed=p.seed, threshold=dropout_threshold(p.dropout_p),
+    )  # fmt: skip
+
+
+def _run(kernel, grid, *args, **kwargs) -> None:
+    kernel[grid](*args, **kwargs)
+
+
+def _launch_forward(p: AttentionProblem, launch=_run) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device)
+    stats = torch.empty(2, p.batch, p.heads, p.q_len, dtype=p.dtype, device=p.q.device)
+    c = _common(p)
+    block_m, block_n, warps, stages = _tiles(p, "forward")
+    grid = (triton.cdiv(p.q_len, block_m), p.batch * p.heads)
+    launch(
+        _fwd_kernel, grid, *c["tensors"], out, stats, *c["strides"], *out.stride()[:3],
+        p.batch, p.heads, p.n_rep, p.q_len, p.kv_len, p.head_dim, p.v_dim, c["seed"], c["threshold"],
+        **c["flags"], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, stats
+
+
+def _launch_backward(p, out, stats, dout, need_bias_grad, launch=_run):
+    device = p.q.device
+    # rowsum(dO ∘ O) from the saved output in the compute dtype (see function.MultiMaxAttentionFunction).
+    delta = (dout.to(p.dtype) * out.to(p.dtype)).sum(-1).transpose(1, 2).contiguous()
+    dout = dout.to(p.q.dtype)  # the products' operand dtype (lossless: the gradient arrives in that dtype)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    stats = stats.to(p.dtype).contiguous()
+    dq = torch.zeros(p.batch, p.heads, p.q_len, p.head_dim, dtype=p.dtype, device=device)
+    dk = torch.zeros(p.batch, p.kv_heads, p.kv_len, p.head_dim, dtype=p.dtype, device=device)
+    dv = torch.zeros(p.batch, p.kv_heads, p.kv_len, p.v_dim, dtype=p.dtype, device=device)
+    db, dh = p.bias_slots if need_bias_grad else (p.batch, p.heads)
+    dbias = torch.zeros(db, dh, p.q_len, p.kv_len, dtype=p.dtype, device=device) if need_bias_grad else None
+    ns = triton.next_power_of_2(4 * p.order)
+    c = _common(p)
+    do_strides = (dout.stride()[0], dout.stride()[1], dout.stride()[2])  # (B, Lq, H, Dv)
+    sizes = (p.q_len, p.kv_len, p.head_dim, p.v_dim, c["seed"], c["threshold"])
+
+    block_m, block_n, warps, stages = _tiles(p, "dkdv")
+    grid = (triton.cdiv(p.kv_len, block_n), p.batch * p.kv_heads)
+    launch(
+        _bwd_dkdv_kernel, grid, *c["tensors"], stats, delta, dout, dk, dv, *c["strides"], *do_strides,
+        p.batch, p.heads, p.kv_heads, p.n_rep, *sizes,
+        **c["flags"], BLOCK_M=block_m, BLOCK_N=block_n, NS=ns, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+    block_m, block_n, warps, stages = _tiles(p, "dq")
+    n_qb = triton.cdiv(p.q_len, block_m)
+    partial = torch.zeros(p.batch, p.heads, n_qb, ns, dtype=torch.float64, device=device)
+    group_b, group_h = p.batch // db, p.heads // dh
+    launch(
+        _bwd_dq_kernel, (n_qb, db * dh), *c["tensors"], stats, delta, dout, dq, partial,
+        dbias if dbias is not None else dq, *c["strides"], *do_strides, p.batch, p.heads, p.n_rep, *sizes, dh, group_b,
+        group_h, n_qb,
+        **c["flags"], BIAS_GRAD=need_bias_grad, BLOCK_M=block_m, BLOCK_N=block_n, NS=ns,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    sums = partial.sum((0, 2))[:, : 4 * p.order]
+    return dq, dk, dv, sums, dbias
+
+
+_SIGNATURE_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+                    torch.bool: "i1", torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
+
+
+def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | None = None) -> dict[str, dict]:
+    """Compile (not run) the three kernels that ``p`` would launch for NVIDIA compute capability ``arch`` (90: H100/
+    H200), without a GPU: Triton's code generator, its NVIDIA backend and the bundled ``ptxas``. Returns
+    ``{kernel: {"shared": bytes of shared memory, "num_warps": ..., "tiles": (BLOCK_M, BLOCK_N)}}``; a compile error
+    raises. For CI and for preparing a GPU run; needs this module imported without ``TRITON_INTERPRET=1`` and ``p``
+    may hold CPU tensors (nothing is launched)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _INTERPRETED:
+        raise RuntimeError("compile_offline needs the kernels imported without TRITON_INTERPRET=1")
+    calls = []
+    _launch_backward(p, *_launch_forward(p, launch=lambda *a, **k: calls.append((a, k))),
+                     torch.zeros(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device),
+                     p.bias is not None if need_bias_grad is None else need_bias_grad,
+                     launch=lambda *a, **k: calls.append((a, k)))  # fmt: skip
+    target = GPUTarget("cuda", arch, 32)
+    report = {}
+    for (kernel, grid, *args), kwargs in calls:
+        bound = dict(zip(kernel.arg_names, args), **kwargs)
+        options = {name: bound.pop(name) for name in ("num_warps", "num_stages")}
+        signature, constants = {}, {}
+        for param, name in zip(kernel.params, kernel.arg_names):
+            value = bound[name]
+            if param.is_constexpr:
+                signature[name], constants[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + _SIGNATURE_TYPES[value.dtype]
+            elif isinstance(value, bool):
+                signature[name] = "i1"
+            elif isinstance(value, int):
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            else:
+                signature[name] = "fp32"
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=target, options=options)
+        report[kernel.__name__] = {"shared": compiled.metadata.shared, "num_warps": options["num_warps"],
+                                   "tiles": (bound["BLOCK_M"], bound["BLOCK_N"])}  # fmt: skip
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what the kernels take, and the first-use check (the choice and the fallback are hf_multimax.kernels.dispatch's)
+
+
+def describe(p: AttentionProblem) -> str:
+    """The shapes, dtypes, order and device of ``p``, for messages."""
+    return _describe(p)
+
+
+def _self_test(device: torch.device) -> str | None:
+    """Compare with the blocked path on a tiny problem (causal, GQA, bool mask, bias, per-head order 2); ``None`` if
+    it matches, else what went wrong."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 8, generator=gen).to(device)
+    k, v = (torch.randn(1, 1, 7, 8, generator=gen).to(device) for _ in range(2))
+    ranges, ts = (torch.randn(2, 4, generator=gen).to(device) * 0.5 for _ in range(2))
+    bias = torch.randn(1, 2, 5, 7, generator=gen).to(device)
+    mask = (torch.rand(1, 1, 5, 7, generator=gen) > 0.2).to(device)
+    p = AttentionProblem.build(q, k, v, ranges, ts, scale=0.3, mask=mask, causal=True, bias=bias, dropout_p=0.0)
+    try:
+        expected, stats = blocked.forward(p)
+        dout = torch.randn(expected.shape, generator=gen).to(device)
+        want = blocked.backward(p, expected, stats, dout, True)
+        got_out, got_stats = _launch_forward(p)
+        got = _launch_backward(p, got_out, got_stats, dout, True)
+    except Exception as error:  # a compile or launch failure
+        return f"{type(error).__name__}: {error}"
+    for name, a, b in zip(("out", "dq", "dk", "dv", "sums", "dbias"), (got_out, *got), (expected, *want)):
+        if not torch.allclose(a.double(), b.double(), atol=1e-4, rtol=1e-4):
+            return f"self-test mismatch in {name} (max abs error {(a.double() - b.double()).abs().max().item():.3g})"
+    return None
+
+
+def _verified(p: AttentionProblem) -> str | None:
+    kind = p.q.device.type
+    with _LOCK:
+        if kind in _VERIFIED:
+            return _VERIFIED[kind]
+    reason = _self_test(p.q.device)
+    with _LOCK:
+        _VERIFIED.setdefault(kind, reason)
+        return _VERIFIED[kind]
+
+
+def unsupported(p: AttentionProblem) -> str | None:
+    """Why the kernels cannot run ``p`` (triton missing, the device, the order, the head dimension, a failed
+    first-use self-test), or ``None`` when they can."""
+    try:
+        _check(p)
+    except _Unsupported as error:
+        return str(error)
+    failed = _verified(p)
+    return None if failed is None else f"the kernel failed its self-test ({failed})"
+
+
+def forward(p: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Lq, H, Dv), stats (2, B, H, Lq))`` in the compute dtype (see :mod:`.blocked`); raises when the
+    kernel fails to compile or launch."""
+    return _launch_forward(p)
+
+
+def backward(
+    p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, need_bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Same contract as :func:`hf_multimax.kernels.blocked.backward`: ``(dq, dk, dv, sums (H, 4N) float64, dbias)``
+    in the compute dtype; raises when the kernel fails to compile or launch."""
+    return _launch_backward(p, out, stats, dout, need_bias_grad)
