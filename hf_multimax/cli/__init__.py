@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser", "COMMANDS", "UsageError"]
+__all__ = ["main", "build_parser", "COMMANDS", "USER_ERRORS"]
 
 #: command -> (one-line help, module that implements it).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,13 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "hf_multimax.cli.analyze"),
     "push": ("Push a saved MultiMax model or adapter folder to the Hub, with a model card.", "hf_multimax.cli.push"),
 }  # fmt: skip
-#: Exceptions that mean "the user asked for something that cannot be done": one line, exit code 2.
+#: Exceptions that mean "the user asked for something that cannot be done" (a bad flag value, a path that is not what
+#: it should be, a model that does not load): one line, exit code 2. Anything else is a bug and shows its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                                                  PermissionError, OSError)  # fmt: skip
-
-
-class UsageError(Exception):
-    """A command cannot proceed; the message says what is missing and which flag supplies it."""
 
 
 def _requested_command(argv: Sequence[str]) -> str | None:
@@ -72,21 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:
         return args.run(args)
-    except UsageError as error:
-        _report(args, error)
+    except USER_ERRORS as error:  # the library's errors for a user's mistake say what is wrong and how to fix it
+        if args.verbose:
+            import traceback
+
+            traceback.print_exception(error)
+        print(f"hf-multimax {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except USER_ERRORS as error:
-        _report(args, error)
-        return 2
-
-
-def _report(args: argparse.Namespace, error: BaseException) -> None:
-    if args.verbose:
-        import traceback
-
-        traceback.print_exception(error)
-    message = str(error) if isinstance(error, UsageError) else f"{error}"
-    print(f"hf-multimax {args.command}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

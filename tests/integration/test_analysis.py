@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, LlamaConfig, ViTConfig
 
-import hf_multimax
 from hf_multimax import analysis, data
 from hf_multimax.analysis import (
     attention_metrics,

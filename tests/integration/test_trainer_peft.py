@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     T5Config,
     T5ForConditionalGeneration,

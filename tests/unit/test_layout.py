@@ -3,7 +3,6 @@ one, no library module importing the command line, and the packaging lists every
 
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
