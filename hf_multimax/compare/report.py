@@ -10,17 +10,13 @@ from typing import Any
 
 from ..analysis.report import METRIC_COLUMNS
 from ..finetune.tasks import get_task
-from .runner import ATTENTION_PREFIX, write_results
+from .runner import attention_metric_name, write_results
 from .statistics import format_aligned, significant, summarize
 
 __all__ = ["ATTENTION_COLUMNS", "format_table", "format_attention_table", "plot_loss_curves", "plot_metrics", "write_report"]
 
 #: The attention statistics of every run: metric name in ``results.json`` -> column title.
-ATTENTION_COLUMNS: tuple[tuple[str, str], ...] = (
-    *((ATTENTION_PREFIX + key, title) for key, title in METRIC_COLUMNS),
-    ("paper_multimodality", "paper M (Def. 3.2)"),
-    ("paper_sparsity", "paper S (Def. 3.3)"),
-)  # the last two: hf_multimax.analysis.collect.PAPER_MEASURES
+ATTENTION_COLUMNS: tuple[tuple[str, str], ...] = tuple((attention_metric_name(key), title) for key, title in METRIC_COLUMNS)
 
 
 # -- tables ------------------------------------------------------------------------------------------------------------

@@ -199,7 +199,6 @@ def attention_statistics(task: Task, model_dir: str | Path) -> dict[str, float]:
     layers: ``attention_<metric>`` for each of :mod:`hf_multimax.analysis.metrics`'s metrics and the paper's
     ``paper_multimodality`` and ``paper_sparsity`` (:mod:`hf_multimax.analysis.paper_measures`)."""
     from ..analysis import analyze_model, load_for_analysis
-    from ..analysis.collect import PAPER_MEASURES
     from ..analysis.inputs import image_inputs, text_inputs
 
     model, kind, checkpoint = load_for_analysis(model_dir)
@@ -208,7 +207,14 @@ def attention_statistics(task: Task, model_dir: str | Path) -> dict[str, float]:
     else:
         inputs, _ = text_inputs(model_dir, checkpoint, model, kind, None, 8, 64)
     overall = analyze_model(model, inputs, kind=kind).overall
-    return {(key if key in PAPER_MEASURES else ATTENTION_PREFIX + key): value for key, value in overall.items()}
+    return {attention_metric_name(key): value for key, value in overall.items()}
+
+
+def attention_metric_name(key: str) -> str:
+    """The name in a run's metrics of an ``analyze`` statistic: ``attention_<key>``, the paper's measures as they are."""
+    from ..analysis.collect import PAPER_MEASURES
+
+    return key if key in PAPER_MEASURES else ATTENTION_PREFIX + key
 
 
 def _finite(value: Any) -> bool:
