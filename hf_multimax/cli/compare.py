@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     import datasets
 
     from ..compare.report import write_report
-    from ..compare.runner import MULTIMAX_ONLY, compare, load_average, plan_runs, resolve_seeds, settings_of
+    from ..compare.runner import MULTIMAX_ONLY, compare, load_average, plan_runs, preflight, resolve_seeds, settings_of
+    from ..finetune.tasks import get_task
 
     logger = logging.getLogger("hf_multimax.compare")
     seeds = resolve_seeds(args.seeds, [args.seed] if args.seed is not None else args.seed_list)
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     multimax = {name: getattr(args, name) for name in MULTIMAX_ONLY}
     # Every check (implementations, seeds, steps, flags, script arguments) before anything trains.
     settings = settings_of(args.task, args.max_train_steps, multimax, script_argv, not args.no_analysis)
-    plan_runs(settings, output_dir, args.implementations, seeds)
+    preflight(get_task(args.task), plan_runs(settings, output_dir, args.implementations, seeds)[0].args)
     datasets.disable_progress_bars()  # keep the terminal to the progress bars and the table
     load = load_average()
     if load is not None and load > (os.cpu_count() or 1):

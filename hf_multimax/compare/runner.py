@@ -44,6 +44,7 @@ __all__ = [
     "machine_description",
     "resolve_seeds",
     "plan_runs",
+    "preflight",
     "run_dir",
     "uses_multimax",
     "write_results",
@@ -192,6 +193,13 @@ def plan_runs(
                 values.update(settings["multimax"])
             specs.append(RunSpec(implementation, seed, make_args(task, settings["script_args"], **values)))
     return specs
+
+
+def preflight(task: Task, args: argparse.Namespace) -> None:
+    """The checks of a run's inputs that need more than its arguments, done before any run trains: a tokenizer named
+    by ``--tokenizer_name`` or ``--model_name_or_path`` must load (``ValueError`` naming the flag otherwise)."""
+    if (args.tokenizer_name or args.model_name_or_path) and task.name in ("lm", "translation"):
+        task.load_tokenizer(args)
 
 
 def attention_statistics(task: Task, model_dir: str | Path) -> dict[str, float]:
@@ -412,6 +420,7 @@ def compare(
     seeds = resolve_seeds(seed_list=seeds)
     settings = settings_of(task.name, max_train_steps, multimax_flags, script_argv, analysis)
     specs = plan_runs(settings, output_dir, implementations, seeds)
+    preflight(task, specs[0].args)
     previous = read_results(output_dir) if resume else None
     kept = resumable_runs(previous, settings)
     done = {(entry["implementation"], entry["seed"]) for entry in kept}
