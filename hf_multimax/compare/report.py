@@ -193,8 +193,8 @@ def write_report(output_dir: str | Path, results: Mapping[str, Any]) -> tuple[st
         f"implementation); MultiMax runs only: {multimax}. Baseline: {results['baseline']}.",
         "",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} logical CPUs, torch {machine.get('torch', '?')} "
-        f"with {machine.get('torch_threads', '?')} threads{load_text}"
-        + (f"; {results['seconds'] / 60:.1f} minutes in all" if results.get("seconds") else "")
+        f"(threads: {machine.get('torch_threads', '?')}){load_text}"
+        + (f"; this command took {results['seconds'] / 60:.1f} minutes" if results.get("seconds") else "")
         + ". Times per step are wall-clock and inflated by other processes.",
         "",
         tables,

@@ -56,7 +56,7 @@ __all__ = [
 #: to :func:`compare` wins).
 _FROM_SCRATCH = {"multimax_init": "paper", "multimax_learning_rate": 0.03}
 COMPARE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lm": {"max_train_steps": 300, "script": {}, "multimax": dict(_FROM_SCRATCH)},
+    "lm": {"max_train_steps": 1000, "script": {"validation_split_percentage": 10}, "multimax": dict(_FROM_SCRATCH)},
     "translation": {"max_train_steps": 300, "script": {}, "multimax": dict(_FROM_SCRATCH)},
     "vit": {"max_train_steps": 300, "script": {"validation_split_percentage": 20}, "multimax": dict(_FROM_SCRATCH)},
 }
