@@ -265,7 +265,8 @@ def train_one(task: Task, spec: RunSpec, analysis: bool = True) -> dict[str, Any
     try:
         result = run(task, spec.args)
     except Exception as error:  # one implementation failing must not stop the others
-        logger.error("compare: %s seed %d failed: %s: %s", spec.implementation, spec.seed, type(error).__name__, error)
+        logger.error("compare: %s seed %d failed: %s: %s", spec.implementation, spec.seed, type(error).__name__, error,
+                     exc_info=True)  # fmt: skip
         return _record(spec, None, time.perf_counter() - started, f"{type(error).__name__}: {error}")
     failure = training_failure(result)
     record = _record(spec, result, 0.0, failure)
