@@ -158,7 +158,7 @@ def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
                                         zero_line=True, filled=[significant(d) for d in diffs], colors=colors))
     cols = 4
     return plot_intervals(panels, path, f"{results['task']}: mean and 95% CI over seeds"
-                          + (f"; right: paired difference vs {baseline}" if versus else ""), cols=cols)
+                          + (f"; to the right of each: its paired difference vs {baseline}" if versus else ""), cols=cols)
 
 
 def _float(value: Any) -> float:
