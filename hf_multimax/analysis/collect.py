@@ -1,11 +1,20 @@
-"""Running a model once and recording what every attention module did: its weights and where they could be non-zero
-(:func:`collect_attention`), then every metric per layer, the token similarity per hidden state and the learned σ / α
-(:func:`analyze_model`)."""
+"""Running a model once and recording what every attention module did: its weights, where they could be non-zero and
+the pre-normalisation scores they were computed from (:func:`collect_attention`), then every metric per layer (the
+paper's own measures included), the token similarity per hidden state and the learned σ / α (:func:`analyze_model`).
+
+The scores are recorded by wrapping, for the one forward pass of the collection, the attention function each module
+looks up in Transformers' ``ALL_ATTENTION_FUNCTIONS`` (a local override of that mapping, removed afterwards): the
+wrapper computes ``Q·Kᵀ·scale + position_bias`` (plus the finite part of a float mask) with the same helper as the
+reference paths (:func:`hf_multimax.attention.dense_scores`) and then calls the function the module would have called.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +23,14 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..attention import resolve_causal
+from ..attention import dense_scores, resolve_causal
 from ..comparators import EntmaxAlphaParameters
 from ..masking import score_mask
 from ..modeling import multimax_modules, routes_through_interface
 from .metrics import MODE_THRESHOLD, SPARSITY_THRESHOLD, attention_metrics, token_similarity
+from .paper_measures import paper_measures
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AttentionMap",
@@ -26,6 +38,7 @@ __all__ = [
     "weights_implementation",
     "returning_attention_weights",
     "collect_attention",
+    "recording_scores",
     "analyze_model",
     "short_name",
 ]
@@ -40,11 +53,15 @@ MODEL_PREFIXES = {"model", "base_model", "transformer", "vit", "bert", "roberta"
 
 @dataclass
 class AttentionMap:
-    """The weights one attention module produced, and where they were allowed to be non-zero."""
+    """The weights one attention module produced, where they were allowed to be non-zero, and the scores they were
+    computed from (the normaliser's input before masking: ``Q·Kᵀ·scale`` plus any ``position_bias`` and the finite
+    part of a float mask; for MultiMax the input of σ). ``scores`` is ``None`` when they could not be recorded (a
+    module that does not look its attention function up in ``ALL_ATTENTION_FUNCTIONS``)."""
 
     name: str
     weights: torch.Tensor  # (batch, heads, q, k), float32, cpu
     valid: torch.Tensor  # bool, same shape
+    scores: torch.Tensor | None = None  # float32, cpu, same shape
 
 
 def weights_implementation(implementation: str | None) -> str:
@@ -73,6 +90,59 @@ def returning_attention_weights(model: nn.Module) -> Iterator[str]:
             model.set_attn_implementation(current)
 
 
+def _module_eager(module: nn.Module) -> Callable:
+    """The ``eager_attention_forward`` of the modeling file that defines ``module``'s class: what Transformers calls
+    for ``"eager"`` when the mapping has no entry of that name."""
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward to record the scores of "
+                           f"{type(module).__name__} with")  # fmt: skip
+    return function
+
+
+def _record_scores(module: nn.Module, query, key, value, attention_mask, scaling, kwargs: dict) -> torch.Tensor:
+    """The scores a normaliser sees, computed as the reference paths compute them (float32, GQA heads repeated)."""
+    scores, _, _ = dense_scores(module, query, key, value, attention_mask, scaling, kwargs.get("is_causal"),
+                                kwargs.get("position_bias"))  # fmt: skip
+    if isinstance(attention_mask, torch.Tensor):
+        _, bias = score_mask(attention_mask, False, scores.shape[-2], scores.shape[-1], scores.device)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+    return scores.detach().float().cpu()
+
+
+@contextmanager
+def recording_scores(names: set[str], sink: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
+    """While active, the attention functions registered (or defaulted to, for ``"eager"``) under ``names`` first store
+    each calling module's pre-normalisation scores in ``sink[module]``, then run unchanged. Implemented as a local
+    override of Transformers' ``ALL_ATTENTION_FUNCTIONS``, restored on exit."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as functions
+
+    saved = {name: functions._local_mapping[name] for name in names if name in functions._local_mapping}
+
+    def wrap(name: str) -> Callable:
+        base = functions[name] if name in functions else None
+
+        def recording(module, query, key, value, attention_mask, *args, **kwargs):
+            scaling = kwargs.get("scaling", args[0] if args else None)
+            sink[module] = _record_scores(module, query, key, value, attention_mask, scaling, kwargs)
+            return (base or _module_eager(module))(module, query, key, value, attention_mask, *args, **kwargs)
+
+        return recording
+
+    wrappers = {name: wrap(name) for name in names}
+    try:
+        for name, wrapper in wrappers.items():
+            functions[name] = wrapper
+        yield
+    finally:
+        for name in wrappers:
+            if name in saved:
+                functions[name] = saved[name]
+            else:
+                functions._local_mapping.pop(name, None)
+
+
 def _attention_modules(model: nn.Module) -> dict[nn.Module, str]:
     return {module: name for name, module in model.named_modules() if routes_through_interface(type(module))}
 
@@ -98,8 +168,11 @@ def _returned_weights(output: Any) -> torch.Tensor | None:
     return None
 
 
-def collect_attention(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[list[AttentionMap], Any]:
-    """Run ``model`` once on ``inputs`` (no gradients) and record every attention module's weights and valid mask.
+def collect_attention(
+    model: nn.Module, inputs: dict[str, torch.Tensor], record_scores: bool = True
+) -> tuple[list[AttentionMap], Any]:
+    """Run ``model`` once on ``inputs`` (no gradients) and record every attention module's weights, valid mask and
+    (``record_scores``) pre-normalisation scores.
 
     The model is switched for the call to an implementation that returns weights (:func:`weights_implementation`)
     and asked for ``output_attentions=True`` and ``output_hidden_states=True``. Masks are taken from the attention
@@ -108,6 +181,7 @@ def collect_attention(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tupl
     """
     modules = _attention_modules(model)
     masks: dict[nn.Module, tuple[torch.Tensor | None, bool | None]] = {}
+    scores: dict[nn.Module, torch.Tensor] = {}
     maps: list[AttentionMap] = []
 
     def before(module, args, kwargs):
@@ -124,7 +198,10 @@ def collect_attention(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tupl
         causal = resolve_causal(module, mask, is_causal, weights.shape[-2])
         valid, _ = score_mask(mask, causal, weights.shape[-2], weights.shape[-1], weights.device)
         valid = torch.ones_like(weights, dtype=torch.bool) if valid is None else valid.expand_as(weights)
-        maps.append(AttentionMap(modules[module], weights.detach().float().cpu(), valid.cpu()))
+        recorded = scores.pop(module, None)
+        if recorded is not None and recorded.shape != weights.shape:
+            recorded = None  # not the scores these weights came from (e.g. a module that reshapes them itself)
+        maps.append(AttentionMap(modules[module], weights.detach().float().cpu(), valid.cpu(), recorded))
 
     handles = []
     try:
@@ -132,12 +209,19 @@ def collect_attention(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tupl
             handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
         with returning_attention_weights(model), torch.no_grad():
-            outputs = model(**inputs, output_attentions=True, output_hidden_states=True)
+            names = {getattr(getattr(m, "config", None), "_attn_implementation", None) or model.config._attn_implementation
+                     for m in modules} if record_scores else set()  # fmt: skip
+            with recording_scores(names, scores):
+                outputs = model(**inputs, output_attentions=True, output_hidden_states=True)
     finally:
         for handle in handles:
             handle.remove()
     if not maps:
         raise RuntimeError(f"{type(model).__name__} has no attention module that routes through Transformers' AttentionInterface")
+    if record_scores and any(m.scores is None for m in maps):
+        missing = [m.name for m in maps if m.scores is None]
+        logger.warning("no pre-normalisation scores recorded for %d attention module(s) (%s): the paper's measures are "
+                       "NaN there", len(missing), ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))  # fmt: skip
     return maps, outputs
 
 
@@ -205,6 +289,16 @@ def _hidden_states(outputs: Any) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
+#: The paper's own measures (:mod:`.paper_measures`) that :func:`analyze_model` adds to every layer.
+PAPER_MEASURES = ("paper_multimodality", "paper_sparsity")
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the values that are not NaN; NaN when none is."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
 def analyze_model(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -215,20 +309,25 @@ def analyze_model(
     mode_threshold: float = MODE_THRESHOLD,
 ) -> ModelAnalysis:
     """Collect ``model``'s attention on ``inputs`` and compute every metric per layer (with per-head values), the
-    token similarity per hidden state, and the learned σ / α."""
+    paper's multi-modality and sparsity (:mod:`.paper_measures`, from the recorded scores), the token similarity per
+    hidden state, and the learned σ / α. ``overall`` is the mean over layers of each layer's mean over heads; a
+    paper measure undefined on a head or layer (NaN) is left out of those means."""
     maps, outputs = collect_attention(model, inputs)
-    layers, totals, weights_sum = [], {}, 0.0
+    layers: list[dict[str, Any]] = []
     for attention in maps:
         metrics = attention_metrics(attention.weights, attention.valid, sparsity_threshold, mode_threshold)
-        entry: dict[str, Any] = {"name": attention.name, "heads": attention.weights.shape[1]}
+        heads = attention.weights.shape[1]
+        if attention.scores is not None:
+            metrics.update(paper_measures(attention.scores, attention.weights, attention.valid))
+        else:
+            metrics.update({key: torch.full((heads,), math.nan) for key in PAPER_MEASURES})
+        entry: dict[str, Any] = {"name": attention.name, "heads": heads}
         for key, per_head in metrics.items():
-            entry[key] = float(per_head.mean())
+            entry[key] = _nanmean([float(v) for v in per_head])
             entry[f"{key}_per_head"] = [round(float(v), 6) for v in per_head]
         layers.append(entry)
-        for key in metrics:
-            totals[key] = totals.get(key, 0.0) + entry[key]
-        weights_sum += 1
-    overall = {key: value / weights_sum for key, value in totals.items()}
+    overall = {key: _nanmean([layer[key] for layer in layers]) for key in layers[0] if key not in ("name", "heads")
+               and not key.endswith("_per_head")}  # fmt: skip
     hidden = _hidden_states(outputs)
     similarity = []
     if hidden is not None:

@@ -7,12 +7,15 @@
 * :func:`plot_token_similarity`: over-smoothing, token cosine similarity per layer (Figure 4).
 * :func:`plot_simplex`: SoftMax over temperatures, SparseMax, EntMax-1.5, Ev-SoftMax and each model's MultiMax on the
   same 3-d inputs, drawn on the probability simplex (Figure 1).
+* :func:`plot_bands` and :func:`plot_intervals`: curves with a confidence band, and means with confidence intervals
+  (``hf-multimax compare``'s ``loss_curves.png`` and ``metrics.png``; the statistics are computed by the caller).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +40,10 @@ __all__ = [
     "simplex_inputs",
     "simplex_functions",
     "first_attention_modulator",
+    "Band",
+    "IntervalPanel",
+    "plot_bands",
+    "plot_intervals",
 ]
 
 SQRT3_2 = math.sqrt(3) / 2
@@ -52,11 +59,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out ``fig``, write it as a PNG at ``path`` (creating the folder) and close it; return the path."""
+def save_figure(fig, path: str | Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out ``fig`` (within ``rect`` of the figure, e.g. to leave room for a title), write it as a PNG at ``path``
+    (creating the folder) and close it; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
@@ -266,3 +274,71 @@ def plot_simplex(
     ax.legend(fontsize=6, loc="upper left", frameon=False)
     ax.set_title("Outputs on the probability simplex for the same inputs x", fontsize=9)
     return save_figure(fig, path)
+
+
+@dataclass
+class Band:
+    """One curve of :func:`plot_bands`: ``y`` over ``x`` with a band from ``low`` to ``high`` (NaN where undefined)."""
+
+    x: Sequence[float]
+    y: Sequence[float]
+    low: Sequence[float]
+    high: Sequence[float]
+    label: str
+
+
+def plot_bands(bands: Sequence[Band], path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """One line per :class:`Band` with its shaded band (where defined); a PNG."""
+    import numpy as np
+
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.0))
+    for index, band in enumerate(bands):
+        color = f"C{index}"
+        ax.plot(band.x, band.y, color=color, lw=1.6, label=band.label)
+        low, high = np.asarray(band.low, dtype=float), np.asarray(band.high, dtype=float)
+        if np.isfinite(low).any():
+            ax.fill_between(band.x, low, high, color=color, alpha=0.2, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+@dataclass
+class IntervalPanel:
+    """One panel of :func:`plot_intervals`: a value with its interval per label. ``zero_line`` draws y = 0 (for
+    differences); ``filled[i]`` False draws the marker hollow (e.g. an interval that contains 0)."""
+
+    title: str
+    labels: Sequence[str]
+    centers: Sequence[float]
+    lows: Sequence[float]
+    highs: Sequence[float]
+    zero_line: bool = False
+    filled: Sequence[bool] | None = None
+    colors: Mapping[str, str] = field(default_factory=dict)
+
+
+def plot_intervals(panels: Sequence[IntervalPanel], path: str | Path, title: str, cols: int = 4) -> Path:
+    """A grid of panels, each with one marker and error bar per label (NaN bounds: marker only); a PNG."""
+    fig, axes = _grid(len(panels), cols=cols, size=(3.0, 2.5))
+    for ax, panel in zip(axes, panels):
+        for i, (label, center, low, high) in enumerate(zip(panel.labels, panel.centers, panel.lows, panel.highs)):
+            color = panel.colors.get(label, f"C{i}")
+            filled = panel.filled[i] if panel.filled is not None else True
+            if math.isfinite(low) and math.isfinite(high):
+                ax.errorbar([i], [center], yerr=[[center - low], [high - center]], color=color, capsize=3, lw=1.2)
+            ax.scatter([i], [center], color=color if filled else "white", edgecolors=color, zorder=3, s=28)
+        if panel.zero_line:
+            ax.axhline(0.0, color="0.4", lw=0.8, ls="--")
+        ax.set_xticks(range(len(panel.labels)))
+        ax.set_xticklabels(panel.labels, rotation=30, ha="right", fontsize=6)
+        ax.set_xlim(-0.6, len(panel.labels) - 0.4)
+        ax.set_title(panel.title, fontsize=7)
+        ax.tick_params(axis="y", labelsize=6)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=9)
+    rows = math.ceil(len(panels) / max(1, min(cols, len(panels))))
+    return save_figure(fig, path, rect=(0, 0, 1, 1 - 0.35 / (2.5 * rows)))

@@ -25,6 +25,8 @@ METRIC_COLUMNS = (
     ("multimodality", "multi-modality"),
     ("residual_mass", "residual mass"),
     ("entropy", "entropy (nats)"),
+    ("paper_multimodality", "paper M (Def. 3.2)"),
+    ("paper_sparsity", "paper S (Def. 3.3)"),
 )
 
 
@@ -62,7 +64,9 @@ def render_summary_md(summary: dict[str, Any]) -> str:
         "",
         f"Inputs: {s['inputs']}. A weight counts as near zero below {s['sparsity_threshold']:g} and as a mode above "
         f"{s['mode_threshold']:g}; residual mass is the weight on entries at or below {s['mode_threshold']:g}. "
-        "Values are means over heads, queries and inputs (masked positions excluded).",
+        "Values are means over heads, queries and inputs (masked positions excluded). Paper M and S are the paper's "
+        "multi-modality and sparsity (Definitions 3.2, 3.3; `hf_multimax.analysis.paper_measures`), computed from "
+        "the pre-normalisation scores (ε = 0; n/a where undefined).",
         "",
         "## Overview",
         "",

@@ -1,7 +1,18 @@
-"""``hf-multimax compare``: the same tiny model trained with each attention implementation, side by side (the
-runs: :mod:`.runner`; the table, figure and result files: :mod:`.report`)."""
+"""``hf-multimax compare``: the same tiny model trained with each attention implementation on several seeds, side by
+side (the runs: :mod:`.runner`; statistics over seeds: :mod:`.statistics`; the tables, figures and result files:
+:mod:`.report`)."""
 
-from .report import format_table, plot_loss_curves
-from .runner import COMPARE_DEFAULTS, compare
+from .report import format_attention_table, format_table, plot_loss_curves, plot_metrics, write_report
+from .runner import COMPARE_DEFAULTS, build_results, compare, resolve_seeds
 
-__all__ = ["COMPARE_DEFAULTS", "compare", "format_table", "plot_loss_curves"]
+__all__ = [
+    "COMPARE_DEFAULTS",
+    "build_results",
+    "compare",
+    "format_attention_table",
+    "format_table",
+    "plot_loss_curves",
+    "plot_metrics",
+    "resolve_seeds",
+    "write_report",
+]

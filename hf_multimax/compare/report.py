@@ -1,112 +1,209 @@
-"""The report of ``hf-multimax compare``: the table, the loss-curve figure, ``results.md`` and ``results.json``."""
+"""The report of ``hf-multimax compare`` on the results of :func:`.runner.compare`: the tables (per implementation,
+and paired differences against the baseline), ``results.md``, ``loss_curves.png`` and ``metrics.png``."""
 
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from ..analysis.report import METRIC_COLUMNS
 from ..finetune.tasks import get_task
+from .runner import attention_metric_name, write_results
+from .statistics import format_aligned, significant, summarize
 
-__all__ = ["format_table", "plot_loss_curves", "load_average", "write_report"]
+__all__ = ["ATTENTION_COLUMNS", "format_table", "format_attention_table", "plot_loss_curves", "plot_metrics", "write_report"]
+
+#: The attention statistics of every run: metric name in ``results.json`` -> column title.
+ATTENTION_COLUMNS: tuple[tuple[str, str], ...] = tuple((attention_metric_name(key), title) for key, title in METRIC_COLUMNS)
 
 
-def format_table(task_name: str, results: dict[str, dict]) -> str:
-    """A markdown table: implementation, final training loss, evaluation loss, task metric, time per step."""
-    task = get_task(task_name)
+# -- tables ------------------------------------------------------------------------------------------------------------
+
+
+def _columns(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(name, header)`` of the task columns: train loss, eval loss, the task metric, its extra metrics, time."""
+    task = get_task(results["task"])
+    names = {name for stats in results["summary"].values() for name in stats}
     arrow = "↑" if task.greater_is_better else "↓"
-    baseline_name = next(iter(results))
-    baseline = results[baseline_name]["time_per_step"]
-    extra = [name for name in task.extra_metrics if all(name in r["metrics"] for r in results.values())]
-    lines = [
-        f"| attention | final train loss ↓ | eval loss ↓ | {task.metric} {arrow} | "
-        + "".join(f"{name} ↑ | " for name in extra) + f"time / step | vs {baseline_name} |",
-        "| --- | ---: | ---: | ---: | " + "---: | " * len(extra) + "---: | ---: |",
-    ]
-    for implementation, result in results.items():
-        metrics = result["metrics"]
-        relative = result["time_per_step"] / baseline if baseline else math.nan
-        lines.append(
-            f"| {implementation} | {result['train_loss']:.4f} | {metrics['eval_loss']:.4f} | "
-            f"{metrics[task.metric]:.4g} | " + "".join(f"{metrics[name]:.4g} | " for name in extra)
-            + f"{1000 * result['time_per_step']:.1f} ms | {relative:.2f}× |"
-        )
+    columns = [("train_loss", "final train loss ↓"), ("eval_loss", "eval loss ↓"), (task.metric, f"{task.metric} {arrow}")]
+    columns += [(name, f"{name} ↑") for name in task.extra_metrics]
+    columns.append(("time_per_step", "time / step (s) ↓"))
+    return [(name, header) for name, header in columns if name in names]
+
+
+def _run_counts(results: Mapping[str, Any], implementation: str) -> tuple[int, int, list[str]]:
+    runs = [run for run in results["runs"] if run["implementation"] == implementation]
+    errors = [f"seed {run['seed']}: {run['error']}" for run in runs if run.get("error")]
+    return len(runs) - len(errors), len(runs), errors
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)] + \
+        ["| " + " | ".join(row) + " |" for row in rows]  # fmt: skip
+
+
+def _difference(stats: Mapping[str, Any]) -> str:
+    """A paired difference: ``mean ± h (p …)``, bold when its interval excludes 0."""
+    text = format_aligned(stats)
+    p_value = stats.get("p_value")
+    if p_value is not None and not (isinstance(p_value, float) and math.isnan(p_value)):
+        text += f" (p {p_value:.2g})"
+    return f"**{text}**" if significant(stats) else text
+
+
+def _tables(results: Mapping[str, Any], columns: Sequence[tuple[str, str]], what: str) -> str:
+    """Means per implementation, then the paired differences against the baseline, for ``columns``."""
+    summary, versus, baseline = results["summary"], results["versus_baseline"], results["baseline"]
+    rows, failures = [], []
+    for implementation, stats in summary.items():
+        ok, total, errors = _run_counts(results, implementation)
+        failures += [f"{implementation} {error}" for error in errors]
+        count = f"{ok}" if ok == total else f"{ok} of {total}"
+        if ok == 0:
+            rows.append([implementation, count, f"failed: {errors[0].split(': ', 1)[1]}"] + [""] * (len(columns) - 1))
+            continue
+        rows.append([implementation, count] + [format_aligned(stats[name]) if name in stats else "n/a"
+                                                 for name, _ in columns])  # fmt: skip
+    lines = [f"{what}: mean ± 95% CI half-width over seeds (Student t)", ""]
+    lines += _table(["attention", "seeds", *(header for _, header in columns)], rows)
+    if versus:
+        lines += ["", f"{what}, paired difference against {baseline} on the same seed (implementation − {baseline}): "
+                  "mean ± 95% CI half-width (two-sided paired t-test p); **bold**: the interval excludes 0", ""]
+        diff_rows = []
+        for implementation, diffs in versus.items():
+            pairs = max((d.get("n", 0) for d in diffs.values()), default=0)
+            diff_rows.append([implementation, str(pairs)] + [_difference(diffs[name]) if name in diffs else "n/a"
+                                                             for name, _ in columns])  # fmt: skip
+        lines += _table(["attention", "pairs", *(f"Δ {header}" for _, header in columns)], diff_rows)
+    if failures:
+        lines += ["", "Failed runs: " + "; ".join(failures)]
     return "\n".join(lines)
 
 
-def plot_loss_curves(results: dict[str, dict], path: str | Path, title: str | None = None) -> Path:
-    """Training-loss curves (per step, faint, and exponentially smoothed) of every implementation; a PNG."""
-    from ..analysis.plots import pyplot, save_figure
-
-    fig, ax = pyplot().subplots(figsize=(6.4, 4.0))
-    for index, (implementation, result) in enumerate(results.items()):
-        steps = [step for step, _ in result["losses"]]
-        losses = [loss for _, loss in result["losses"]]
-        color = f"C{index}"
-        ax.plot(steps, losses, color=color, alpha=0.25, lw=0.8)
-        smoothed, value = [], None
-        for loss in losses:
-            value = loss if value is None else 0.9 * value + 0.1 * loss
-            smoothed.append(value)
-        ax.plot(steps, smoothed, color=color, lw=1.8, label=f"{implementation} (final {result['train_loss']:.3f})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title or "Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
+def format_table(results: Mapping[str, Any]) -> str:
+    """The task metrics' tables (markdown): per implementation and against the baseline."""
+    return _tables(results, _columns(results), "Task metrics")
 
 
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on every platform
-        return None
+def format_attention_table(results: Mapping[str, Any]) -> str:
+    """The attention statistics' tables (empty when no run was analysed)."""
+    names = {name for stats in results["summary"].values() for name in stats}
+    columns = [(name, title) for name, title in ATTENTION_COLUMNS if name in names]
+    if not columns:
+        return ""
+    return _tables(results, columns, "Attention statistics (mean over layers, `hf-multimax analyze` inputs)")
 
 
-def write_report(
-    task_name: str,
-    output_dir: Path,
-    results: dict[str, dict],
-    *,
-    seed: int,
-    seconds: float,
-    load_before: float | None,
-    command_line: str = "",
-) -> tuple[str, Path]:
-    """Write ``loss_curves.png``, ``results.md`` and ``results.json`` to ``output_dir``; return the table and the plot."""
-    import json
+# -- figures -----------------------------------------------------------------------------------------------------------
 
-    task = get_task(task_name)
-    table = format_table(task_name, results)
-    plot = plot_loss_curves(results, output_dir / "loss_curves.png",
-                            title=f"{task_name}: training loss, " + " vs ".join(results))  # fmt: skip
-    steps = next(iter(results.values()))["steps"]
-    load_after = load_average()
-    markdown = "\n".join([
-        f"# hf-multimax compare: {task_name}",
+
+def _smoothed(losses: Sequence[Sequence[float]], weight: float = 0.9) -> tuple[list[float], list[float]]:
+    """Steps and the exponentially smoothed losses of one run."""
+    steps, values, value = [], [], None
+    for step, loss in losses:
+        value = loss if value is None else weight * value + (1 - weight) * loss
+        steps.append(step)
+        values.append(value)
+    return steps, values
+
+
+def plot_loss_curves(results: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Training loss per implementation (exponentially smoothed per run): the mean over seeds and its 95% band."""
+    from ..analysis.plots import Band, plot_bands
+
+    bands = []
+    for implementation in results["implementations"]:
+        curves = [_smoothed(run["losses"]) for run in results["runs"]
+                  if run["implementation"] == implementation and not run.get("error") and run.get("losses")]
+        if not curves:
+            continue
+        length = min(len(values) for _, values in curves)
+        steps = curves[0][0][:length]
+        stats = [summarize([values[i] for _, values in curves]) for i in range(length)]
+        final = summarize([run["train_loss"] for run in results["runs"]
+                           if run["implementation"] == implementation and not run.get("error")])  # fmt: skip
+        bands.append(Band(steps, [s["mean"] for s in stats], [s["ci95"][0] for s in stats],
+                          [s["ci95"][1] for s in stats],
+                          f"{implementation} (final {format_aligned(final)}, {len(curves)} seed{'s' * (len(curves) > 1)})"))
+    what = "mean over seeds and 95% band" if any("seeds" in band.label for band in bands) else "one seed"
+    return plot_bands(bands, path, title or f"{results['task']}: training loss, {what}", "optimizer step",
+                      "training loss (smoothed)")  # fmt: skip
+
+
+def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Every metric's mean and 95% CI per implementation, and below it the paired difference against the baseline
+    (hollow: the interval contains 0)."""
+    from ..analysis.plots import IntervalPanel, plot_intervals
+
+    summary, versus, baseline = results["summary"], results["versus_baseline"], results["baseline"]
+    names = [name for name, _ in _columns(results)] + [name for name, _ in ATTENTION_COLUMNS
+                                                       if any(name in s for s in summary.values())]  # fmt: skip
+    titles = dict(_columns(results)) | dict(ATTENTION_COLUMNS)
+    colors = {implementation: f"C{i}" for i, implementation in enumerate(results["implementations"])}
+    panels = []
+    for name in names:
+        labels = [impl for impl in summary if name in summary[impl]]
+        stats = [summary[impl][name] for impl in labels]
+        panels.append(IntervalPanel(titles[name], labels, [_float(s["mean"]) for s in stats],
+                                    [_float(s["ci95"][0]) for s in stats], [_float(s["ci95"][1]) for s in stats],
+                                    colors=colors))  # fmt: skip
+        if versus:
+            labels = [impl for impl in versus if name in versus[impl]]
+            diffs = [versus[impl][name] for impl in labels]
+            panels.append(IntervalPanel(f"Δ {titles[name]} vs {baseline}", labels,
+                                        [_float(d["mean_difference"]) for d in diffs],
+                                        [_float(d["ci95"][0]) for d in diffs], [_float(d["ci95"][1]) for d in diffs],
+                                        zero_line=True, filled=[significant(d) for d in diffs], colors=colors))
+    cols = 4
+    return plot_intervals(panels, path, f"{results['task']}: mean and 95% CI over seeds"
+                          + (f"; to the right of each: its paired difference vs {baseline}" if versus else ""), cols=cols)
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+# -- the whole report --------------------------------------------------------------------------------------------------
+
+
+def write_report(output_dir: str | Path, results: Mapping[str, Any]) -> tuple[str, dict[str, Path]]:
+    """Write ``results.json``, ``loss_curves.png``, ``metrics.png`` and ``results.md``; return the printed tables
+    and the files."""
+    output_dir = Path(output_dir)
+    files = {"results.json": write_results(output_dir, results)}
+    if results["summary"]:
+        files["loss_curves.png"] = plot_loss_curves(results, output_dir / "loss_curves.png")
+        files["metrics.png"] = plot_metrics(results, output_dir / "metrics.png")
+    tables = "\n\n".join(t for t in (format_table(results), format_attention_table(results)) if t) \
+        if results["summary"] else "no run finished"  # fmt: skip
+    settings, machine = results["settings"], results["machine"]
+    load = machine.get("load_average") or {}
+    load_text = (f", 1-minute load average {load['before']:.1f} before and {load['after']:.1f} after"
+                 if load.get("before") is not None and load.get("after") is not None else "")  # fmt: skip
+    multimax = ", ".join(f"{k} {v}" for k, v in settings["multimax"].items()) or "package defaults"
+    markdown = [
+        f"# hf-multimax compare: {results['task']}",
         "",
-        f"`{command_line}`" if command_line else "",
+        f"`{results['command']}`" if results["command"] else "",
         "",
-        f"{steps} optimizer steps per run, seed {seed}, same initial weights; {task.metric} on the held-out split. "
-        "Time per step is wall-clock on this machine"
-        + (f" (1-minute load average {load_before:.1f} before, {load_after:.1f} after, {os.cpu_count()} CPUs)"
-           if load_before is not None and load_after is not None else "") + ": other processes inflate it.",
+        f"{settings['max_train_steps']} optimizer steps per run; seeds {', '.join(map(str, results['seeds']))} "
+        "(a seed fixes the initial weights, the held-out split and the data order, the same for every "
+        f"implementation); MultiMax runs only: {multimax}. Baseline: {results['baseline']}.",
         "",
-        table,
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} logical CPUs, torch {machine.get('torch', '?')} "
+        f"(threads: {machine.get('torch_threads', '?')}){load_text}"
+        + (f"; this command took {results['seconds'] / 60:.1f} minutes" if results.get("seconds") else "")
+        + ". Times per step are wall-clock and inflated by other processes.",
         "",
-        f"![training loss]({plot.name})",
+        tables,
         "",
-        "Models: " + ", ".join(f"`{output_dir / name}`" for name in results),
-        "",
-    ])  # fmt: skip
-    (output_dir / "results.md").write_text(markdown)
-    summary = {
-        "task": task_name,
-        "seed": seed,
-        "seconds": seconds,
-        "load_average": {"before": load_before, "after": load_after, "cpus": os.cpu_count()},
-        "results": results,
-    }
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    return table, plot
+    ]  # fmt: skip
+    if "loss_curves.png" in files:
+        markdown += ["![training loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
+    markdown += ["Models: `" + "`, `".join(sorted({str(Path(run["output_dir"]).parent) for run in results["runs"]}))
+                 + "` (one `seed_N` folder per seed)", ""]  # fmt: skip
+    (output_dir / "results.md").write_text("\n".join(markdown))
+    files["results.md"] = output_dir / "results.md"
+    return tables, files

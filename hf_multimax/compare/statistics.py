@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["CONFIDENCE", "summarize", "paired_difference", "build_summary", "format_mean_ci", "significant"]
+__all__ = ["CONFIDENCE", "summarize", "paired_difference", "build_summary", "format_mean_ci", "format_aligned",
+           "significant"]
 
 #: Confidence level of every interval here.
 CONFIDENCE = 0.95
@@ -178,6 +179,27 @@ def format_mean_ci(stats_: Mapping[str, Any], digits: int = 3) -> str:
     if math.isnan(low) or math.isnan(high):
         return f"{center:.{digits}g} ± n/a"
     return f"{center:.{digits}g} ± {(high - low) / 2:.{digits}g}"
+
+
+def format_aligned(stats_: Mapping[str, Any], digits: int = 2) -> str:
+    """``"mean ± h"`` for tables: ``h`` (the 95% half-width) to ``digits`` significant digits and the mean rounded to
+    the same decimal place (``56.66 ± 0.41``, ``0.978 ± 0.012``); a mean alone (4 significant digits) when the
+    interval is undefined (one value) and ``"n/a"`` when the mean is (no value). Works on :func:`summarize` and
+    :func:`paired_difference` results."""
+    center = _center(stats_)
+    if math.isnan(center):
+        return "n/a"
+    low, high = (_as_float(v) for v in stats_["ci95"])
+    half = (high - low) / 2
+    if math.isnan(half):
+        return f"{center:.4g}"
+    if half == 0:
+        return f"{center:.4g} ± 0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(half))))
+    mean = f"{center:.{decimals}f}"
+    if float(mean) == 0:
+        mean = mean.lstrip("-")  # no "-0.000"
+    return f"{mean} ± {half:.{decimals}f}"
 
 
 def significant(diff: Mapping[str, Any]) -> bool:
