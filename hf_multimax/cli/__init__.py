@@ -19,8 +19,8 @@ __all__ = ["main", "build_parser", "COMMANDS", "USER_ERRORS"]
 #: command -> (one-line help, module that implements it).
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("Print versions, the registered attention implementations and the MultiMax flags.", "hf_multimax.cli.info"),
-    "compare": ("Train the same tiny model with SoftMax and with MultiMax on embedded data; table + loss plot.",
-                "hf_multimax.cli.compare"),
+    "compare": ("Train the same tiny model with SoftMax, MultiMax and the paper's comparators over seeds, on embedded "
+                "data; mean ± 95%% CI, paired differences, plots.", "hf_multimax.cli.compare"),
     "analyze": ("Analyse saved models' attention (sparsity, modes, entropy, over-smoothing, learned σ) and plot it.",
                 "hf_multimax.cli.analyze"),
     "push": ("Push a saved MultiMax model or adapter folder to the Hub, with a model card.", "hf_multimax.cli.push"),

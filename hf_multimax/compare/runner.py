@@ -82,8 +82,9 @@ def check_implementations(implementations: Sequence[str]) -> list[str]:
     implementations = list(implementations)
     if not implementations:
         raise ValueError("--implementations needs at least one attention implementation (the first is the baseline)")
-    known = sorted(set(AttentionInterface().valid_keys()) | {"eager"})
-    unknown = [name for name in implementations if name not in known]
+    registered = set(AttentionInterface().valid_keys()) | {"eager"}
+    unknown = [name for name in implementations if name not in registered]
+    known = sorted(name for name in registered if "|" not in name)  # leave out Transformers' "paged|..." variants
     if unknown:
         raise ValueError(f"--implementations: unknown attention implementation(s) {unknown}; known: {known}")
     duplicates = sorted({name for name in implementations if implementations.count(name) > 1})
