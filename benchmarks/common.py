@@ -85,21 +85,78 @@ def child_report(peak_mb: float) -> None:
     print(json.dumps({"peak_mb": round(peak_mb, 1)}))
 
 
-def environment() -> str:
-    cpu = platform.processor() or platform.machine()
+#: What ``--emulate-avx2`` sets: the kernel's AVX2 build, PyTorch's AVX2 kernels (SDPA's flash kernel included) and
+#: MKL limited to AVX2, so an AVX-512 machine runs every contender as an AVX2 CPU would.
+AVX2_ENV = {"HF_MULTIMAX_CPU_ARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+_AVX2_MARK = "HF_MULTIMAX_BENCH_AVX2"
+
+
+def add_isa_argument(parser) -> None:
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="run every implementation as on an AVX2 CPU (the kernel built with -march=x86-64-v3, "
+                             "PyTorch at CPU capability AVX2, MKL limited to AVX2); results get the suffix _avx2")  # fmt: skip
+
+
+def apply_isa(args) -> None:
+    """Re-run this script in a process with :data:`AVX2_ENV` set when ``--emulate-avx2`` asks for it (PyTorch and
+    MKL read their switches once, at start-up)."""
+    if getattr(args, "emulate_avx2", False) and os.environ.get(_AVX2_MARK) != "1":
+        env = {**os.environ, **AVX2_ENV, _AVX2_MARK: "1"}
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def result_name(base: str, args) -> str:
+    return f"{base}_avx2" if getattr(args, "emulate_avx2", False) else base
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")) and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return model, flags
+
+
+def isa_description() -> str:
+    """Host ISA, the ISA PyTorch's kernels run at, MKL's switch, and the fused kernel's build target and lanes."""
     from hf_multimax.kernels import cpu as cpu_kernel
 
+    _, flags = _cpu_info()
+    host = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "other"
     available, reason = cpu_kernel.cpu_kernel_status()
+    kernel = (f"-march={cpu_kernel.cpu_target()} ({cpu_kernel.vector_lanes()} float lanes)" if available
+              else f"unavailable ({reason})")  # fmt: skip
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default")
+    return (f"host ISA {host}, PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}, MKL instructions "
+            f"{mkl}, fused kernel build {kernel}")  # fmt: skip
+
+
+def environment() -> str:
+    model, _ = _cpu_info()
     return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu} ({os.cpu_count()} logical cores), "
-        f"fused CPU kernel: {'yes' if available else 'no (' + reason + ')'}, load average before: "
-        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {model} ({os.cpu_count()} logical cores); "
+        f"{isa_description()}; load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Median float32 ``torch.mm`` throughput (GFLOP/s) on a square problem, at the current thread count: the rate
+    that bounds an attention kernel whose work is matrix products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        samples.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(samples) / 1e9
 
 
 def fmt_ratio(value: float | None, base: float | None) -> str:

@@ -10,3 +10,21 @@ def fresh_accelerate_state():
     """Each script run builds its own Accelerator, as separate processes would."""
     yield
     reset_accelerate_state()
+
+
+@pytest.fixture(params=__import__("kernel_backends").BACKENDS)
+def backend(request):
+    """Each kernel backend that runs here (``torch``, ``cpu``, ``cpu@x86-64-v3``), its build target in force."""
+    from kernel_backends import selected
+
+    with selected(request.param) as name:
+        yield name
+
+
+@pytest.fixture(params=__import__("kernel_backends").CPU_TARGETS)
+def cpu_target(request):
+    """Each build target of the C++ kernel that loads here (``native`` and, on x86-64, ``x86-64-v3``), in force."""
+    from hf_multimax.kernels import cpu
+
+    with cpu.use_target(request.param):
+        yield request.param

@@ -26,7 +26,6 @@ FMIN = torch.finfo(torch.float32).min
 from hf_multimax.modeling import SegLU
 
 CPU_KERNEL = cpu.cpu_kernel_available()
-BACKENDS = ["torch"] + (["cpu"] if CPU_KERNEL else [])
 needs_cpu_kernel = pytest.mark.skipif(not CPU_KERNEL, reason=f"CPU kernel unavailable: {cpu.cpu_kernel_status()[1]}")
 
 
@@ -115,7 +114,6 @@ def reference(module, q, k, v, mask, bias, causal, scale=None):
 # fused vs reference
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("order,per_head", [(1, False), (2, True), (3, False), (2, False)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference_float32(case, order, per_head, backend):
@@ -136,7 +134,7 @@ def test_matches_reference_float32(case, order, per_head, backend):
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["causal_gqa_tiles", "left_padding_bool", "position_bias"])
-def test_half_precision_is_at_least_as_accurate_as_the_reference(case, dtype):
+def test_half_precision_is_at_least_as_accurate_as_the_reference(case, dtype, cpu_target):
     """bf16/fp16 inputs and parameters (the model's dtype). The fused path computes in float32 throughout; the
     reference rounds the scores to the input dtype. Both are measured against the reference run in float32 on the
     same (exactly representable) values: the fused error must not exceed the reference's."""
@@ -201,7 +199,6 @@ def test_gradcheck_float64():
 # masks and numerics
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows_are_zero_not_nan(backend):
     q, k, v, _, _, _ = make_inputs("left_padding_bool")
     mask = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], dtype=torch.bool)
@@ -215,7 +212,6 @@ def test_fully_masked_rows_are_zero_not_nan(backend):
         assert_close(got, want, 2e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_minus_inf_rows_give_zeros_not_nan(backend):
     """Float masks of -inf everywhere on a row: a zero row and zero gradients, as the reference."""
     q, k, v, _, _, _ = make_inputs("padding_float")
@@ -231,7 +227,6 @@ def test_minus_inf_rows_give_zeros_not_nan(backend):
         assert_close(got, want, 2e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_with_more_queries_than_keys_and_scaling(backend):
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 2, 9, 8, generator=gen, requires_grad=True)
@@ -243,7 +238,7 @@ def test_causal_with_more_queries_than_keys_and_scaling(backend):
 
 
 @needs_cpu_kernel
-def test_strided_inputs_are_not_copied_and_still_correct():
+def test_strided_inputs_are_not_copied_and_still_correct(cpu_target):
     """Query/key/value as Transformers produces them, (B, L, H, D) projections viewed as (B, H, L, D)."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 33, 4, 16, generator=gen).transpose(1, 2).requires_grad_()
@@ -262,7 +257,7 @@ def test_strided_inputs_are_not_copied_and_still_correct():
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("case", ["cross_long_kv", "position_bias", "causal_gqa_tiles"])
-def test_backward_split_over_key_blocks(case, monkeypatch):
+def test_backward_split_over_key_blocks(case, monkeypatch, cpu_target):
     """Many threads for few (batch, head) pairs: the backward splits key blocks over tasks with private dq slices."""
     monkeypatch.setattr(cpu, "_kv_split", lambda *args: 3)
     q, k, v, mask, bias, causal = make_inputs(case)
@@ -294,7 +289,6 @@ def test_dropout_mask_is_unbiased_and_reproducible():
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_matches_reference_with_the_same_mask(backend):
     """Dropout on the normalised weights, as in the reference; same mask for both backends (a shared counter hash)."""
     q, k, v, mask, bias, _ = make_inputs("position_bias")

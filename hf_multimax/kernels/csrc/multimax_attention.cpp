@@ -61,10 +61,19 @@ namespace {
 
 sgemm_fn g_sgemm = nullptr;
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-constexpr int W = 16;
+// One vector is one register of the build target: 16 float lanes with AVX-512, 8 with AVX/AVX2, 4 with NEON or SSE.
+// (A vector wider than the registers is split by the compiler into several, which spills in the σ' pass.)
+#if defined(__AVX512F__)
+#define MM_VEC_BYTES 64
+#elif defined(__AVX__)
+#define MM_VEC_BYTES 32
+#else
+#define MM_VEC_BYTES 16
+#endif
+typedef float vf __attribute__((vector_size(MM_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(MM_VEC_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(MM_VEC_BYTES)));
+constexpr int W = MM_VEC_BYTES / 4;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 inline vf splat(float x) { return vf{} + x; }
@@ -79,7 +88,7 @@ inline void store_n(float* p, vf v, int n) {
     for (int i = 0; i < n; ++i) p[i] = v[i];
 }
 // Lanes whose bool-mask byte is set (-1) or not (0); `n` valid lanes, the rest read as "masked".
-typedef uint8_t vb __attribute__((vector_size(16)));
+typedef uint8_t vb __attribute__((vector_size(W)));
 inline vi load_bool(const uint8_t* p, int n) {
     if (n == W) {
         vb bytes;
@@ -565,6 +574,8 @@ int mm_set_sgemm(void* fn) {
 }
 
 int mm_max_order() { return 4; }
+
+int mm_vector_lanes() { return W; }
 
 int mm_attention_forward(const MMArgs* a) {
     if (!g_sgemm) return -1;
