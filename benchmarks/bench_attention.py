@@ -8,6 +8,10 @@ fresh process per implementation and size. Writes ``bench_attention.md`` / ``.js
     python benchmarks/bench_attention.py            # seq 256..4096, batch 4, 4 heads, head_dim 64, 2 threads
     python benchmarks/bench_attention.py --quick    # seq 256 and 1024, fewer repeats
     python benchmarks/bench_attention.py --emulate-avx2 --impls sdpa multimax   # as on an AVX2 CPU (_avx2 files)
+    python benchmarks/bench_attention.py --device cuda --dtype bfloat16 --seq 1024 4096   # on a GPU (_cuda files)
+
+On CUDA every timed call ends with ``torch.cuda.synchronize()`` and peak memory is ``torch.cuda.max_memory_allocated``
+above what was allocated before the call, in the same process.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of queries, keys, values and MultiMax parameters (default float32)")  # fmt: skip
     parser.add_argument("--order", type=int, default=2, help="SegLU order of MultiMax (default 2, the paper's)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (median reported)")
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
@@ -62,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_isa_argument(parser)
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "SEQ", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this PyTorch")
+    if args.device == "cuda" and args.emulate_avx2:
+        parser.error("--emulate-avx2 is a CPU switch; it does not combine with --device cuda")
     if args.quick:
         args.seq, args.repeats = [256, 1024], 3
     return args
@@ -88,14 +99,21 @@ def make_case(impl: str, seq: int, args: argparse.Namespace, grad: bool):
 
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, args.heads, seq, args.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen).requires_grad_(grad) for _ in range(3))
-    grad_out = torch.randn(args.batch, seq, args.heads, args.head_dim, generator=gen)
-    module = attention_module(args)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    q, k, v = (randn(shape).requires_grad_(grad) for _ in range(3))
+    grad_out = randn(args.batch, seq, args.heads, args.head_dim)
+    module = attention_module(args).to(device=device, dtype=dtype)
     if not grad:
         module.multimax.requires_grad_(False)
     mask = None
     if impl == "eager":  # what Transformers builds for eager: a float (batch, 1, q, k) causal mask
-        mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1).expand(args.batch, 1, seq, seq)
+        mask = torch.full((seq, seq), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
+        mask = mask.expand(args.batch, 1, seq, seq)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     function = {
         "sdpa": sdpa_attention_forward,
         "eager": eager_attention_forward,
@@ -111,8 +129,19 @@ def make_case(impl: str, seq: int, args: argparse.Namespace, grad: bool):
         else:
             with torch.no_grad():
                 function(module, q, k, v, mask, scaling=scaling, dropout=0.0)
+        sync()
 
     return run
+
+
+def cuda_peak_mb(run) -> float:
+    """Peak CUDA memory (MiB) one call allocates above what is allocated before it."""
+    run()  # warm-up: kernels compiled, caches filled
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def skipped(impl: str, seq: int, args: argparse.Namespace) -> bool:
@@ -135,8 +164,10 @@ def main(argv=None) -> None:
         return child(args)
     torch.set_num_threads(args.threads)
     env = environment()
-    gflops = sgemm_gflops()
-    print(f"torch.mm float32 2048x2048: {gflops:.1f} GFLOP/s")
+    if args.device == "cuda":
+        env += f"; GPU: {torch.cuda.get_device_name()}, dtype {args.dtype}"
+    gflops = sgemm_gflops(device=args.device, dtype=getattr(torch, args.dtype))
+    print(f"torch.mm {args.dtype} 2048x2048 on {args.device}: {gflops:.1f} GFLOP/s")
     print(env)
     impls = args.impls
     times: dict[str, dict[int, dict[str, float]]] = {"fwd+bwd": {}, "fwd": {}}
@@ -149,18 +180,23 @@ def main(argv=None) -> None:
             times[mode][seq] = median_times(cases, repeats)
             del cases
             memory[mode][seq] = {}
-            if not args.no_memory:
+            if not args.no_memory and args.device == "cuda":
+                for impl in active:
+                    memory[mode][seq][impl] = cuda_peak_mb(make_case(impl, seq, args, grad=mode == "fwd+bwd"))
+            elif not args.no_memory:
                 for impl in active:
                     memory[mode][seq][impl] = peak_in_subprocess(
                         __file__, [impl, str(seq), mode, "--batch", str(args.batch), "--heads", str(args.heads),
                                    "--head-dim", str(args.head_dim), "--threads", str(args.threads),
-                                   "--order", str(args.order)] + (["--emulate-avx2"] if args.emulate_avx2 else [])  # fmt: skip
+                                   "--order", str(args.order), "--dtype", args.dtype]
+                        + (["--emulate-avx2"] if args.emulate_avx2 else [])  # fmt: skip
                     )
             line = ", ".join(f"{impl} {times[mode][seq][impl] * 1000:.1f} ms" for impl in active)
             print(f"seq {seq:5d} {mode:8s}: {line}", flush=True)
 
     sections = [
-        f"Batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, causal, float32, MultiMax order "
+        f"Batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, causal, {args.dtype} on {args.device}, "
+        f"MultiMax order "
         f"{args.order}, median of {args.repeats} interleaved rounds.\n\n{env}",
     ]
     for mode in ("fwd+bwd", "fwd"):
@@ -188,7 +224,7 @@ def main(argv=None) -> None:
         sections.append(profile_section(args, args.profile_seq))
     data = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "sgemm_gflops": gflops,
             "times": times, "memory": memory}  # fmt: skip
-    name = result_name("bench_attention", args)
+    name = result_name("bench_attention" + ("_cuda" if args.device == "cuda" else ""), args)
     title = "Attention benchmark" + (" (AVX2 build and PyTorch at AVX2)" if args.emulate_avx2 else "")
     path = write_report(args.out, name, title, sections, data)
     plot(args, times, memory, args.out / f"{name}.png")
@@ -214,7 +250,8 @@ def bound_section(args: argparse.Namespace, times, gflops: float) -> str:
             rows.append([str(seq), mode, f"{flops / 1e9:.2f}", fmt(bound), fmt(t.get("multimax")),
                          fmt_ratio(t.get("multimax"), bound), fmt_ratio(t.get("sdpa"), bound)])  # fmt: skip
     return (f"## Against the sgemm bound\n\nThe time the matrix products alone would take at the `torch.mm` rate "
-            f"measured in this process ({gflops:.1f} GFLOP/s, float32 2048×2048, {args.threads} threads).\n\n"
+            f"measured in this process ({gflops:.1f} GFLOP/s, {args.dtype} 2048×2048 on {args.device}"
+            + (f", {args.threads} threads" if args.device == "cpu" else "") + ").\n\n"
             + markdown_table(header, rows))
 
 
@@ -237,7 +274,7 @@ def targets(args, times, memory, gflops: float) -> str:
                    for seq in args.seq if seq >= 2048]  # fmt: skip
     for name, value, limit in checks:
         if value is not None:
-            lines.append(f"- {name}: **{value:.2f}** (target ≤ {limit:.2f}) {'met' if value <= limit else 'MISSED'}")
+            lines.append(f"- {name}: **{value:.3f}** (target ≤ {limit:.2f}) {'met' if value <= limit else 'MISSED'}")
     return "\n".join(lines)
 
 

@@ -133,7 +133,7 @@ def main(argv=None) -> None:
         if m.get("fused") and m.get("plain CE"):
             checks.append((f"peak memory at {tokens} tokens, fused / plain SoftMax CE", m["fused"] / m["plain CE"], 0.10))
         for what, r, limit in checks:
-            lines.append(f"- {what}: **{r:.2f}** (target ≤ {limit:.2f}) {'met' if r <= limit else 'MISSED'}")
+            lines.append(f"- {what}: **{r:.3f}** (target ≤ {limit:.2f}) {'met' if r <= limit else 'MISSED'}")
     sections.append("\n".join(lines))
     data = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "times": times, "memory": memory}
     name = result_name("bench_output_layer", args)

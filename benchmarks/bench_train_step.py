@@ -167,7 +167,7 @@ def main(argv=None) -> None:
                 continue
             for impl in args.impls:
                 memory[mode][seq][impl] = peak_in_subprocess(
-                    __file__, [impl, str(seq), mode] + [f"--{k}={getattr(args, k)}" for k in
+                    __file__, [impl, str(seq), mode] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                                                          ("batch", "hidden", "layers", "heads", "intermediate", "vocab",
                                                           "threads", "decode_cache")]
                     + ["--seq", *map(str, args.seq)]  # fmt: skip
@@ -211,16 +211,16 @@ def main(argv=None) -> None:
             t = times[mode][seq]
             if "multimax" in t and t.get("sdpa"):
                 r = t["multimax"] / t["sdpa"]
-                lines.append(f"- {what} at {seq}, multimax/SDPA: **{r:.2f}** (target ≤ {limit:.2f}) "
+                lines.append(f"- {what} at {seq}, multimax/SDPA: **{r:.3f}** (target ≤ {limit:.2f}) "
                              f"{'met' if r <= limit else 'MISSED'}")  # fmt: skip
         m = memory["step"].get(seq, {})
         if m.get("multimax") and m.get("sdpa"):
             r = m["multimax"] / m["sdpa"]
-            lines.append(f"- training step peak memory at {seq}, multimax/SDPA: **{r:.2f}** (target ≤ 1.05) "
+            lines.append(f"- training step peak memory at {seq}, multimax/SDPA: **{r:.3f}** (target ≤ 1.05) "
                          f"{'met' if r <= 1.05 else 'MISSED'}")  # fmt: skip
     if decode.get("multimax") and decode.get("sdpa"):
         r = decode["multimax"] / decode["sdpa"]
-        lines.append(f"- decode step against a {args.decode_cache}-token cache, multimax/SDPA: **{r:.2f}** (target "
+        lines.append(f"- decode step against a {args.decode_cache}-token cache, multimax/SDPA: **{r:.3f}** (target "
                      f"≤ 1.05) {'met' if r <= 1.05 else 'MISSED'}")  # fmt: skip
     sections.append("\n".join(lines))
     data = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "times": times, "memory": memory,

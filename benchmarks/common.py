@@ -146,15 +146,18 @@ def environment() -> str:
     )
 
 
-def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Median float32 ``torch.mm`` throughput (GFLOP/s) on a square problem, at the current thread count: the rate
+def sgemm_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Median ``torch.mm`` throughput (GFLOP/s) on a square problem, at the current thread count on CPU: the rate
     that bounds an attention kernel whose work is matrix products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size).to(device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         samples.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(samples) / 1e9
 

@@ -90,6 +90,8 @@ def _block_scores(p: AttentionProblem, i0: int, i1: int, kv_end: int) -> tuple[t
 def _row_stats(z: torch.Tensor) -> torch.Tensor:
     """``(2, ...)``: each row's maximum ``m`` and ``log Σ exp(z - m)``, kept apart (the layout of the fused kernel's
     statistics); ``m = -inf`` marks a row with nothing to attend."""
+    if z.shape[-1] == 0:  # no keys at all: every row is empty
+        return torch.stack((z.new_full(z.shape[:-1], float("-inf")), z.new_zeros(z.shape[:-1])))
     m = z.amax(dim=-1)
     empty = torch.isneginf(m)  # nothing to attend (only -inf scores): probabilities 0, never NaN
     m = m.masked_fill(empty, float("-inf"))

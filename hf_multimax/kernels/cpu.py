@@ -23,10 +23,10 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -320,7 +320,7 @@ def forward(p: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(p.batch, p.q_len, p.heads, p.v_dim, dtype=torch.float32)
     stats = torch.empty(2, p.batch, p.heads, p.q_len, dtype=torch.float32)
     if p.q_len <= DECODE_ROWS:
-        a = _args(p, p.q_len, BLOCK_K_DECODE)
+        a = _args(p, max(1, p.q_len), BLOCK_K_DECODE)
     else:
         a = _args(p, BLOCK_Q_FORWARD, BLOCK_K_FORWARD)
     a.out, (a.o_sb, a.o_sl, a.o_sh) = out.data_ptr(), out.stride()[:3]
