@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     RESULTS,
     add_isa_argument,
     apply_isa,
+    check_positive,
     child_report,
     environment,
     fmt,
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_isa_argument(parser)
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "SEQ", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_positive(parser, args, "seq", "batch", "heads", "head_dim", "threads", "order", "repeats")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this PyTorch")
     if args.device == "cuda" and args.emulate_avx2:

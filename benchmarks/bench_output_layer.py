@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     RESULTS,
     add_isa_argument,
     apply_isa,
+    check_positive,
     child_report,
     environment,
     fmt,
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_isa_argument(parser)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_positive(parser, args, "tokens", "vocab", "hidden", "order", "chunk_size", "threads", "repeats")
     if args.quick:
         args.tokens, args.repeats = [1024], 3
     return args

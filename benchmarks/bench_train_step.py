@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     RESULTS,
     add_isa_argument,
     apply_isa,
+    check_positive,
     child_report,
     environment,
     fmt,
@@ -67,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_isa_argument(parser)
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "SEQ", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_positive(parser, args, "seq", "batch", "hidden", "layers", "heads", "intermediate", "vocab", "threads", "repeats")
     if args.decode_cache < 0:
         parser.error(f"--decode-cache must be >= 0, got {args.decode_cache}")
     if args.quick:

@@ -106,6 +106,15 @@ def apply_isa(args) -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def check_positive(parser, args, *names: str) -> None:
+    """``parser.error`` (one line, exit code 2) for a size flag below 1."""
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and any(v < 1 for v in values):
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def result_name(base: str, args) -> str:
     return f"{base}_avx2" if getattr(args, "emulate_avx2", False) else base
 

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from hf_multimax import finetune
+from hf_multimax.cli import run_script
 from hf_multimax.finetune.tasks import TranslationTask
 
 TASK = TranslationTask()
@@ -33,4 +34,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_script(main))

@@ -223,4 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hf_multimax.cli import run_script
+
+    sys.exit(run_script(main))

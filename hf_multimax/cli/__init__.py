@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["main", "build_parser", "COMMANDS", "USER_ERRORS"]
+__all__ = ["main", "build_parser", "run_script", "COMMANDS", "USER_ERRORS"]
 
 #: command -> (one-line help, module that implements it).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -76,6 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(error)
         print(f"hf-multimax {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def run_script(script_main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
+    """The entry point of a script (``examples/run_*.py``): ``script_main(argv)``, whose exit code is its result when
+    that is an int, else 0; a user's
+    mistake (:data:`USER_ERRORS`: a wrong path, a model without its tokenizer, a bad flag value) ends in one
+    ``SCRIPT: error: ...`` line and exit code 2 instead of a traceback (``HF_MULTIMAX_TRACEBACK=1`` shows it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = script_main(argv)
+    except USER_ERRORS as error:
+        if os.environ.get("HF_MULTIMAX_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        print(f"{os.path.basename(sys.argv[0]) or 'script'}: error: {error}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

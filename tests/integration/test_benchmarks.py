@@ -54,3 +54,10 @@ def test_emulate_avx2_runs_every_contender_at_avx2(tmp_path):
 def test_bad_flag_is_one_argparse_error(tmp_path):
     proc = run("bench_train_step", ["--decode-cache", "-1"], tmp_path)
     assert proc.returncode == 2 and "--decode-cache must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script,flag", [("bench_attention", "--seq"), ("bench_output_layer", "--chunk-size"),
+                                         ("bench_train_step", "--layers")])  # fmt: skip
+def test_sizes_below_one_are_refused(script, flag, tmp_path):
+    proc = run(script, [flag, "0"], tmp_path)
+    assert proc.returncode == 2 and f"{flag} must be >= 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -137,3 +137,41 @@ def test_push_a_model_saved_without_its_tokenizer(capsys, tmp_path, llama_withou
                  "--local-dir", str(tmp_path / "hub")]) == 0  # fmt: skip
     assert (tmp_path / "hub" / "README.md").is_file() and (tmp_path / "hub" / "model.safetensors").is_file()
     assert "AutoTokenizer" not in (tmp_path / "hub" / "README.md").read_text()  # the card promises no tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the example scripts, run as a user runs them
+
+
+def run_script(*argv):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["examples/run_clm.py", "examples/run_translation.py",
+                                    "examples/run_image_classification.py"])  # fmt: skip
+def test_script_with_a_wrong_path_is_one_error_line(script, tmp_path):
+    flag = "--train_file"
+    code, err = run_script(script, flag, str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out"))
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and flag in lines[0] and "missing" in lines[0], err
+
+
+def test_script_on_a_model_without_its_tokenizer_names_the_flag(llama_without_tokenizer, tmp_path):
+    code, err = run_script("examples/run_clm.py", "--model_name_or_path", str(llama_without_tokenizer),
+                           "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1")  # fmt: skip
+    assert code == 2 and "Traceback" not in err, err
+    assert "--tokenizer_name" in err
+
+
+def test_recipes_jsonl_with_a_missing_file_is_one_error_line(tmp_path):
+    code, err = run_script("examples/recipes/recipes.py", "jsonl", str(tmp_path / "train.de"),
+                           str(tmp_path / "train.en"), "de", "en")  # fmt: skip
+    assert code == 2 and "Traceback" not in err and "train.de" in err, err
