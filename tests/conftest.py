@@ -2,6 +2,7 @@
 
 import pytest
 
+from kernel_backends import BACKENDS, CPU_TARGETS, selected
 from scripts import reset_accelerate_state
 
 
@@ -12,16 +13,14 @@ def fresh_accelerate_state():
     reset_accelerate_state()
 
 
-@pytest.fixture(params=__import__("kernel_backends").BACKENDS)
+@pytest.fixture(params=BACKENDS)
 def backend(request):
     """Each kernel backend that runs here (``torch``, ``cpu``, ``cpu@x86-64-v3``), its build target in force."""
-    from kernel_backends import selected
-
     with selected(request.param) as name:
         yield name
 
 
-@pytest.fixture(params=__import__("kernel_backends").CPU_TARGETS)
+@pytest.fixture(params=CPU_TARGETS)
 def cpu_target(request):
     """Each build target of the C++ kernel that loads here (``native`` and, on x86-64, ``x86-64-v3``), in force."""
     from hf_multimax.kernels import cpu

@@ -80,10 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_script(script_main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
-    """The entry point of a script (``examples/run_*.py``): ``script_main(argv)``, whose exit code is its result when
-    that is an int, else 0; a user's
-    mistake (:data:`USER_ERRORS`: a wrong path, a model without its tokenizer, a bad flag value) ends in one
-    ``SCRIPT: error: ...`` line and exit code 2 instead of a traceback (``HF_MULTIMAX_TRACEBACK=1`` shows it)."""
+    """The entry point of a script (``examples/run_*.py``): the exit code of ``script_main(argv)`` (its result when
+    that is an int, else 0). A user's mistake (:data:`USER_ERRORS`: a wrong path, a model without its tokenizer, a
+    bad flag value) ends in one ``SCRIPT: error: ...`` line and exit code 2 instead of a traceback
+    (``HF_MULTIMAX_TRACEBACK=1`` shows it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = script_main(argv)
