@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -119,25 +118,11 @@ def result_name(base: str, args) -> str:
     return f"{base}_avx2" if getattr(args, "emulate_avx2", False) else base
 
 
-def _cpu_info() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith(("flags", "Features")) and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return model, flags
-
-
 def isa_description() -> str:
     """Host ISA, the ISA PyTorch's kernels run at, MKL's switch, and the fused kernel's build target and lanes."""
     from hf_multimax.kernels import cpu as cpu_kernel
 
-    _, flags = _cpu_info()
+    _, flags = cpu_kernel.host_cpu()
     host = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "other"
     available, reason = cpu_kernel.cpu_kernel_status()
     kernel = (f"-march={cpu_kernel.cpu_target()} ({cpu_kernel.vector_lanes()} float lanes)" if available
@@ -148,7 +133,9 @@ def isa_description() -> str:
 
 
 def environment() -> str:
-    model, _ = _cpu_info()
+    from hf_multimax.kernels import cpu as cpu_kernel
+
+    model, _ = cpu_kernel.host_cpu()
     return (
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {model} ({os.cpu_count()} logical cores); "
         f"{isa_description()}; load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"

@@ -2,6 +2,7 @@
 
 import pytest
 
+from hf_multimax.kernels import cpu
 from kernel_backends import BACKENDS, CPU_TARGETS, selected
 from scripts import reset_accelerate_state
 
@@ -23,7 +24,5 @@ def backend(request):
 @pytest.fixture(params=CPU_TARGETS)
 def cpu_target(request):
     """Each build target of the C++ kernel that loads here (``native`` and, on x86-64, ``x86-64-v3``), in force."""
-    from hf_multimax.kernels import cpu
-
     with cpu.use_target(request.param):
         yield request.param

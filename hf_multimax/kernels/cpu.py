@@ -49,6 +49,7 @@ __all__ = [
     "cpu_target",
     "use_target",
     "vector_lanes",
+    "host_cpu",
     "TARGET_ENV",
 ]
 
@@ -141,14 +142,30 @@ def use_target(target: str) -> Iterator[None]:
         _CURRENT.pop()
 
 
-def _cpu_fingerprint() -> str:
-    """CPU model and flags: a ``native`` build must not be handed from one CPU to another through a shared cache."""
+def _cpuinfo() -> list[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = [line for line in f if line.startswith(("flags", "model name", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
+            return f.readlines()
     except OSError:
-        return platform.processor() + platform.machine()
+        return []
+
+
+def host_cpu() -> tuple[str, set[str]]:
+    """``(model name, ISA flags)`` of this machine from ``/proc/cpuinfo`` (x86 ``flags`` or ARM ``Features``); the
+    ``platform`` name and no flags where there is no such file."""
+    model, flags = "", set()
+    for line in _cpuinfo():
+        if line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith(("flags", "Features")) and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    return model or platform.processor() or platform.machine(), flags
+
+
+def _cpu_fingerprint() -> str:
+    """CPU model and flags: a ``native`` build must not be handed from one CPU to another through a shared cache."""
+    lines = [line for line in _cpuinfo() if line.startswith(("flags", "model name", "Features", "CPU part"))]
+    return "".join(sorted(set(lines))) or platform.processor() + platform.machine()
 
 
 def _compiler() -> str | None:

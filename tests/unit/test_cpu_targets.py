@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 
 import pytest
 import torch
@@ -11,24 +10,12 @@ import torch
 from hf_multimax.kernels import cpu, select_backend
 from kernel_backends import AVX2_TARGET, EXTRA_TARGETS
 
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 needs_kernel = pytest.mark.skipif(not cpu.cpu_kernel_available("native"), reason="CPU kernel unavailable here")
-
-
-def host_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 @needs_kernel
 def test_native_build_uses_one_register_of_the_host():
-    flags = host_flags()
+    _, flags = cpu.host_cpu()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     expected = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
