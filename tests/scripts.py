@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,6 +15,7 @@ def load_module(path: Path) -> ModuleType:
     """Import a script file as a module (its ``if __name__ == "__main__"`` block does not run)."""
     spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look a module up by name while it runs
     spec.loader.exec_module(module)
     return module
 

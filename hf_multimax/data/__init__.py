@@ -5,9 +5,11 @@ Embedded defaults (no download, permissive licences):
 
 * :func:`lm_texts`: paragraphs of CPython's ``pydoc_data.topics`` (the Python language reference topics that
   ``help()`` shows, ~460k characters, PSF licence), shipped with every Python.
-* :func:`translation_pairs`: ~1,500 English→German UI strings and display names from Django's and Sphinx's gettext
-  catalogs (BSD) and Babel's CLDR data (Unicode licence), shipped as ``hf_multimax/data/en_de.tsv`` (see
-  ``NOTICE.md`` there; ``regenerate.py`` rebuilds it).
+* :func:`translation_pairs`: 16,823 English→German UI strings, messages and display names translated by people for
+  twelve packages on PyPI (Django, Sphinx, CLDR via Babel, Wagtail, django-oscar, django CMS, django-allauth, OpenStack
+  Horizon, Indico, Apache Superset, Kolibri, JupyterLab; BSD, MIT, Apache-2.0 and Unicode licences), shipped as
+  ``hf_multimax/data/en_de.tsv`` (origins and licence texts in ``NOTICE.md`` and ``licenses/`` there;
+  ``regenerate.py`` rebuilds both).
 * :func:`digit_images`: scikit-learn's ``load_digits`` (1,797 8×8 handwritten digits, BSD; needs scikit-learn).
 
 Each fine-tuning task turns them into a ``datasets.Dataset`` (:mod:`hf_multimax.finetune.tasks`); Hub datasets and
@@ -38,6 +40,7 @@ __all__ = [
     "DATA_DIR",
     "lm_texts",
     "translation_pairs",
+    "TRANSLATION_SOURCES",
     "digit_images",
     "build_tokenizer",
     "build_image_processor",
@@ -46,6 +49,10 @@ __all__ = [
 
 DATA_DIR = Path(__file__).resolve().parent
 TRANSLATION_FILE = DATA_DIR / "en_de.tsv"
+#: The origins of the pairs in ``en_de.tsv`` (its ``source`` column), in the priority order of ``regenerate.py``;
+#: ``NOTICE.md`` says where each comes from and ``licenses/<source>/`` holds its licence texts.
+TRANSLATION_SOURCES = ("django", "sphinx", "cldr", "wagtail", "oscar", "djangocms", "allauth", "horizon", "indico",
+                       "superset", "kolibri", "jupyterlab")
 #: Special tokens of every tokenizer built here, in id order (pad = 0 matches T5's decoder start convention).
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
 _RULE = re.compile(r"^\s*([*=~^-])\1{2,}\s*$")  # reST heading underlines: "*****", "====="
@@ -95,10 +102,14 @@ def translation_pairs(sources: Sequence[str] | None = None) -> list[tuple[str, s
     """English→German ``(en, de)`` pairs from ``hf_multimax/data/en_de.tsv``.
 
     Args:
-        sources: keep only these origins among ``"django"`` (Django gettext catalogs, BSD-3-Clause), ``"sphinx"``
-            (Sphinx gettext catalog, BSD-2-Clause) and ``"cldr"`` (territory and language names from Babel's CLDR
-            data, Unicode licence); all by default.
+        sources: keep only these origins (the ``source`` column; :data:`TRANSLATION_SOURCES`), e.g. ``["django",
+            "sphinx", "cldr"]`` for the 1,546 pairs of earlier releases; all by default. An unknown name raises
+            ``ValueError`` naming it.
     """
+    if sources is not None:
+        unknown = sorted(set(sources) - set(TRANSLATION_SOURCES))
+        if unknown:
+            raise ValueError(f"sources: unknown origin(s) {unknown}; expected some of {list(TRANSLATION_SOURCES)}")
     return list(_translation_pairs(tuple(sources) if sources is not None else None))
 
 

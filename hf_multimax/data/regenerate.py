@@ -1,43 +1,55 @@
-"""Regenerate ``en_de.tsv``, the English→German pairs behind ``hf_multimax.data.translation_pairs()``.
+"""Regenerate ``en_de.tsv``, the English→German pairs behind ``hf_multimax.data.translation_pairs()``, and the
+licence texts of its sources in ``licenses/``.
 
-Sources (all real translations made by people, under permissive licences; see ``NOTICE.md`` beside this file):
+Every pair is a real translation made by people, shipped in the gettext catalogs or message files of a package on
+PyPI under a permissive licence (BSD, MIT, Apache-2.0, Unicode); :data:`SOURCES` lists them with their pinned
+versions and ``NOTICE.md`` beside this file says where each came from. The wheels are read as zip files, never
+installed: the script downloads them with ``pip download --no-deps`` (or reads them from ``--wheels``)::
 
-* Django's gettext catalogs (``django/**/locale/de/LC_MESSAGES/django.po``), BSD-3-Clause.
-* Sphinx's gettext catalog (``sphinx/locale/de/LC_MESSAGES/sphinx.po``), BSD-2-Clause.
-* Babel's CLDR display names of territories and languages (``babel/locale-data/{en,de}.dat``), Unicode licence.
+    python hf_multimax/data/regenerate.py                    # downloads the pinned wheels, writes en_de.tsv
+    python hf_multimax/data/regenerate.py --wheels ~/wheels  # uses wheels already there
 
-Usage (with django, sphinx and babel importable, e.g. ``pip install django sphinx babel`` in a scratch environment)::
-
-    python hf_multimax/data/regenerate.py            # writes hf_multimax/data/en_de.tsv
-
-The output is deterministic for given package versions: one ``source<TAB>en<TAB>de`` row per unique English string,
-sorted by source then English text.
+The output is deterministic for the pinned versions: one ``source<TAB>en<TAB>de`` row per unique English string
+(the first source in :data:`SOURCES` order that has it keeps it), sorted by source then English text.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import csv
-import importlib.util
+import fnmatch
+import json
 import pickle
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: Placeholders, markup and escapes that make a string a template rather than a sentence or phrase.
-TEMPLATE = re.compile(r"%|\{|\}|<|>|\\|`|\bhttps?:|&\w+;")
+TEMPLATE = re.compile(r"%|\{|\}|<|>|\\|`|\bhttps?:|&\w+;|\$|\[\[")
+
+Pairs = Iterator[tuple[str, str]]
 
 
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"`{name}` is not importable; install it (pip install {name}) to regenerate the data")
-    return Path(next(iter(spec.submodule_search_locations)))
+@dataclass(frozen=True)
+class Source:
+    """One package whose German translations become rows named ``name``."""
+
+    name: str
+    requirement: str  # pinned, for pip download
+    licence: str
+    read: Callable[[zipfile.ZipFile], Pairs]
+    extra_licences: tuple[str, ...] = ()  # licence files inside the wheel beside those of its .dist-info
 
 
-def read_po(path: Path) -> list[tuple[str, str]]:
-    """(msgid, msgstr) pairs of a .po file: singular forms only, fuzzy and untranslated entries skipped."""
+def parse_po(text: str) -> list[tuple[str, str]]:
+    """(msgid, msgstr) pairs of a .po file: the singular form of plural entries; fuzzy, untranslated and context entries skipped."""
     pairs, entry, field, fuzzy = [], {}, None, False
 
     def flush() -> None:
@@ -47,7 +59,7 @@ def read_po(path: Path) -> list[tuple[str, str]]:
             pairs.append((msgid, msgstr))
         entry, fuzzy = {}, False
 
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.split("\n"):  # not splitlines(): U+2028 and friends occur inside strings
         line = line.strip()
         if not line:
             flush()
@@ -66,9 +78,87 @@ def read_po(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_cldr(babel_dir: Path, locale: str) -> dict:
-    with open(babel_dir / "locale-data" / f"{locale}.dat", "rb") as f:
-        return pickle.load(f)
+def po_files(*patterns: str) -> Callable[[zipfile.ZipFile], Pairs]:
+    """Reader of the .po files of a wheel whose paths match any of ``patterns`` (fnmatch), in sorted order."""
+
+    def read(wheel: zipfile.ZipFile) -> Pairs:
+        for name in sorted(wheel.namelist()):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+                yield from parse_po(wheel.read(name).decode("utf-8"))
+
+    return read
+
+
+def jed_files(pattern: str) -> Callable[[zipfile.ZipFile], Pairs]:
+    """Reader of Jed-style JSON catalogs (``{msgid: [msgstr, ...]}``, JupyterLab's language packs)."""
+
+    def read(wheel: zipfile.ZipFile) -> Pairs:
+        for name in sorted(wheel.namelist()):
+            if fnmatch.fnmatch(name, pattern):
+                for msgid, msgstrs in json.loads(wheel.read(name)).items():
+                    if msgid and isinstance(msgstrs, list) and len(msgstrs) == 1 and isinstance(msgstrs[0], str):
+                        yield msgid, msgstrs[0]
+
+    return read
+
+
+def keyed_json_files(directory: str) -> Callable[[zipfile.ZipFile], Pairs]:
+    """Reader of per-language JSON message files keyed by message id (``{directory}/{en,de}/LC_MESSAGES/*.json``,
+    Kolibri's frontend messages): the English and German strings of each id present in both."""
+
+    def read(wheel: zipfile.ZipFile) -> Pairs:
+        names = set(wheel.namelist())
+        for name in sorted(names):
+            if fnmatch.fnmatch(name, f"{directory}/de/LC_MESSAGES/*.json"):
+                english = name.replace(f"{directory}/de/", f"{directory}/en/", 1)
+                if english not in names:
+                    continue
+                en, de = json.loads(wheel.read(english)), json.loads(wheel.read(name))
+                for key in sorted(de):
+                    if isinstance(en.get(key), str) and isinstance(de[key], str):
+                        yield en[key], de[key]
+
+    return read
+
+
+def cldr_names(wheel_path: Path) -> Callable[[zipfile.ZipFile], Pairs]:
+    """Territory and language display names from Babel's CLDR pickles (Babel itself is imported from its wheel,
+    which unpickling needs)."""
+
+    def read(wheel: zipfile.ZipFile) -> Pairs:
+        sys.path.insert(0, str(wheel_path))
+        try:
+            en, de = (pickle.loads(wheel.read(f"babel/locale-data/{locale}.dat")) for locale in ("en", "de"))
+        finally:
+            sys.path.remove(str(wheel_path))
+        for key in ("territories", "languages"):
+            for code in sorted(en[key]):
+                if code in de[key]:
+                    yield en[key][code], de[key][code]
+
+    return read
+
+
+def sources(wheels: dict[str, Path]) -> list[Source]:
+    """The sources in priority order (a duplicate English string keeps the first source's translation)."""
+    return [
+        Source("django", "django==5.2.19", "BSD-3-Clause", po_files("django/*locale/de/LC_MESSAGES/django.po")),
+        Source("sphinx", "sphinx==9.0.4", "BSD-2-Clause", po_files("sphinx/locale/de/LC_MESSAGES/sphinx.po")),
+        Source("cldr", "babel==2.18.0", "Unicode-3.0 (CLDR data), BSD-3-Clause (Babel)",
+               cldr_names(wheels.get("babel", Path())), ("babel/locale-data/LICENSE.unicode",)),
+        Source("wagtail", "wagtail==8.0.1", "BSD-3-Clause", po_files("wagtail/*locale/de/LC_MESSAGES/*.po")),
+        Source("oscar", "django-oscar==4.2.1", "BSD-3-Clause", po_files("oscar/*locale/de/LC_MESSAGES/*.po")),
+        Source("djangocms", "django-cms==5.1.3", "BSD-3-Clause", po_files("cms/*locale/de/LC_MESSAGES/*.po")),
+        Source("allauth", "django-allauth==65.22.1", "MIT", po_files("allauth/*locale/de/LC_MESSAGES/*.po")),
+        Source("horizon", "horizon==27.0.0", "Apache-2.0",
+               po_files("horizon/locale/de/LC_MESSAGES/*.po", "openstack_dashboard/*locale/de/LC_MESSAGES/*.po")),
+        Source("indico", "indico==3.2.9", "MIT", po_files("indico/translations/de_DE/LC_MESSAGES/*.po")),
+        Source("superset", "apache-superset==6.1.0", "Apache-2.0",
+               po_files("superset/translations/de/LC_MESSAGES/messages.po")),
+        Source("kolibri", "kolibri==0.19.5", "MIT", keyed_json_files("kolibri/locale")),
+        Source("jupyterlab", "jupyterlab-language-pack-de-DE==4.5.post3", "BSD-3-Clause",
+               jed_files("jupyterlab_language_pack_de_DE/locale/de_DE/LC_MESSAGES/*.json")),
+    ]
 
 
 def clean(text: str) -> str | None:
@@ -78,40 +168,76 @@ def clean(text: str) -> str | None:
     return text
 
 
-def collect() -> list[tuple[str, str, str]]:
+def project(requirement: str) -> str:
+    return requirement.split("==")[0].lower().replace("-", "_")
+
+
+def find_wheels(directory: Path) -> dict[str, Path]:
+    """Map each pinned requirement's short name (``django``, ``babel``, ...) to its wheel in ``directory``."""
+    found = {}
+    for source in sources({}):
+        name, version = project(source.requirement), source.requirement.split("==")[1]
+        matches = [w for w in directory.glob("*.whl") if w.name.lower().startswith(f"{name}-{version}-".lower())]
+        if not matches:
+            raise SystemExit(f"no wheel of {source.requirement} in {directory}: pip download --no-deps "
+                             f"--only-binary=:all: -d {directory} '{source.requirement}'")
+        found[source.requirement.split("==")[0].lower()] = matches[0]
+    return found
+
+
+def download(directory: Path) -> None:
+    requirements = [source.requirement for source in sources({})]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d",
+                    str(directory), *requirements], check=True)
+
+
+def licence_files(wheel: zipfile.ZipFile, extra: tuple[str, ...] = ()) -> list[str]:
+    """The licence and notice files in a wheel's own top-level ``.dist-info`` folder (not those of packages it
+    vendors), plus the ``extra`` paths."""
+    own = [n for n in wheel.namelist() if n.split("/", 1)[0].endswith(".dist-info")
+           and re.match(r"(LICEN[CS]E|NOTICE|COPYING)", n.rsplit("/", 1)[-1], re.IGNORECASE)]
+    return sorted(own) + list(extra)
+
+
+def collect(wheels: dict[str, Path], licence_dir: Path | None = None) -> list[tuple[str, str, str]]:
     rows: dict[str, tuple[str, str, str]] = {}
-
-    def add(source: str, en: str, de: str) -> None:
-        en, de = clean(en), clean(de)
-        if en and de and en not in rows:
-            rows[en] = (source, en, de)
-
-    django = package_dir("django")
-    for path in sorted(django.rglob("locale/de/LC_MESSAGES/django.po")):
-        for en, de in read_po(path):
-            add("django", en, de)
-    sphinx = package_dir("sphinx")
-    for en, de in read_po(sphinx / "locale" / "de" / "LC_MESSAGES" / "sphinx.po"):
-        add("sphinx", en, de)
-    babel = package_dir("babel")
-    en_data, de_data = read_cldr(babel, "en"), read_cldr(babel, "de")
-    for key in ("territories", "languages"):
-        for code in sorted(en_data[key]):
-            if code in de_data[key]:
-                add("cldr", en_data[key][code], de_data[key][code])
+    for source in sources(wheels):
+        with zipfile.ZipFile(wheels[source.requirement.split("==")[0].lower()]) as wheel:
+            for en, de in source.read(wheel):
+                en, de = clean(en), clean(de)
+                if en and de and en not in rows:
+                    rows[en] = (source.name, en, de)
+            if licence_dir is not None:
+                target = licence_dir / source.name
+                target.mkdir(parents=True, exist_ok=True)
+                for name in licence_files(wheel, source.extra_licences):
+                    (target / name.rsplit("/", 1)[-1]).write_bytes(wheel.read(name))
     return sorted(rows.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=HERE / "en_de.tsv", help="where to write the TSV")
+    parser.add_argument("--licenses", type=Path, default=HERE / "licenses",
+                        help="folder for the sources' licence files (replaced)")
+    parser.add_argument("--wheels", type=Path, default=None,
+                        help="folder holding the pinned wheels (default: download them to a temporary folder)")
     args = parser.parse_args()
-    rows = collect()
-    with open(args.output, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, escapechar=None)
-        writer.writerow(("source", "en", "de"))
-        writer.writerows(rows)
-    counts = {s: sum(r[0] == s for r in rows) for s in ("django", "sphinx", "cldr")}
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = args.wheels or Path(scratch)
+        if args.wheels is None:
+            download(directory)
+        wheels = find_wheels(directory)
+        licences = Path(scratch) / "licenses"
+        rows = collect(wheels, licences)
+        if args.licenses.exists():
+            shutil.rmtree(args.licenses)
+        shutil.copytree(licences, args.licenses)
+    # Whitespace is collapsed by clean(), so no field holds a tab or a newline; written whole, then renamed.
+    partial = args.output.with_name(args.output.name + ".partial")
+    partial.write_text("".join("\t".join(row) + "\n" for row in [("source", "en", "de"), *rows]), encoding="utf-8")
+    partial.replace(args.output)
+    counts = {s.name: sum(r[0] == s.name for r in rows) for s in sources({})}
     print(f"wrote {len(rows)} pairs to {args.output}: {counts}")
 
 
