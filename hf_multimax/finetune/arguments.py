@@ -91,6 +91,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, task: "Task") -> Non
                        help=f"training batch size per device (default {scratch.get('per_device_train_batch_size', 8)} "
                             "from scratch, 8 for a pretrained model)")
     group.add_argument("--per_device_eval_batch_size", type=int, default=32, help="evaluation batch size per device")
+    if task.text_inputs:
+        group.add_argument("--group_by_length", action="store_true",
+                           help="batch examples of similar length together (as Trainer's group_by_length), so that "
+                                "padding costs little; the order stays a function of --seed and the epoch")
     group.add_argument("--learning_rate", type=float, default=None,
                        help=f"peak learning rate of AdamW (default {scratch.get('learning_rate', 1e-3)} from scratch, "
                             "5e-5 for a pretrained model)")

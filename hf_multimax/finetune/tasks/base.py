@@ -140,6 +140,8 @@ class Task:
     scratch_defaults: ClassVar[dict[str, Any]] = {}
     #: True when position t predicts label t+1 (causal LMs shift the labels inside the model).
     shift_labels: ClassVar[bool] = False
+    #: True when the model inputs are token sequences of varying length (``--group_by_length`` applies).
+    text_inputs: ClassVar[bool] = True
 
     # -- arguments ---------------------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ class ImageClassificationTask(Task):
     lora_modules_to_save = ("classifier",)
     pipeline_tag = "image-classification"
     default_dataset = "scikit-learn load_digits 8x8 handwritten digits (BSD)"
+    text_inputs = False
     scratch_defaults = {"learning_rate": 3e-3, "per_device_train_batch_size": 64, "num_train_epochs": 10}
 
     def embedded_dataset(self):
