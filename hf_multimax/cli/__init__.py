@@ -54,7 +54,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     requested = _requested_command(argv)
     for name, (help_text, module_name) in COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # ``help`` is %-formatted by argparse (hence ``%%``), a description is printed as it is.
+        command_parser = sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"))
         if name == requested:
             module = importlib.import_module(module_name)
             module.add_arguments(command_parser)

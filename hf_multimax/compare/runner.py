@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "compare",
     "COMPARE_DEFAULTS",
+    "COMPARE_OWNED",
     "MULTIMAX_ONLY",
     "RESULTS_FILE",
     "RunSpec",
@@ -57,11 +58,21 @@ __all__ = [
 _FROM_SCRATCH = {"multimax_init": "paper", "multimax_learning_rate": 0.03}
 COMPARE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"max_train_steps": 1000, "script": {"validation_split_percentage": 10}, "multimax": dict(_FROM_SCRATCH)},
-    "translation": {"max_train_steps": 300, "script": {}, "multimax": dict(_FROM_SCRATCH)},
+    "translation": {"max_train_steps": 1000, "multimax": dict(_FROM_SCRATCH),
+                    "script": {"vocab_size": 1000, "per_device_train_batch_size": 64, "group_by_length": True,
+                               "max_eval_samples": 400}},
     "vit": {"max_train_steps": 300, "script": {"validation_split_percentage": 20}, "multimax": dict(_FROM_SCRATCH)},
 }
 #: Settings that shape only the MultiMax runs: the ``multimax_*`` flags and the MultiMax learning rate.
 MULTIMAX_ONLY = (*FLAG_DEFAULTS, "multimax_learning_rate")
+#: Fine-tuning flags that compare sets for every run itself, and what to use instead of passing them in
+#: ``--script_args`` (where they would be overridden, or would reach the baseline runs too).
+COMPARE_OWNED: dict[str, str] = {
+    "max_train_steps": "compare's --max_train_steps", "seed": "--seeds or --seed_list",
+    "output_dir": "compare's --output_dir", "attn_implementation": "--implementations",
+    "eval_strategy": "nothing (compare evaluates at the end)",
+    **{name: f"compare's --{name} (it applies to the MultiMax runs only)" for name in MULTIMAX_ONLY},
+}
 #: The file :func:`compare` keeps its run records in (and :mod:`.report` adds the statistics to).
 RESULTS_FILE = "results.json"
 #: Prefix of the attention statistics in a run's metrics (``attention_sparsity``, ...; the paper's measures keep
@@ -167,6 +178,10 @@ def settings_of(
     if steps < 1:
         raise ValueError(f"--max_train_steps must be >= 1, got {steps}")
     given = _given_flags(task, script_argv)
+    owned = sorted(given & set(COMPARE_OWNED))
+    if owned:
+        raise ValueError(f"--script_args sets {', '.join('--' + name for name in owned)}, which compare sets for each "
+                         f"run; use {', '.join(COMPARE_OWNED[name] for name in owned)} instead")
     script = {name: value for name, value in defaults["script"].items() if name not in given}
     multimax = dict(defaults["multimax"])
     multimax.update({name: value for name, value in (multimax_settings or {}).items() if value is not None})

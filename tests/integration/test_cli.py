@@ -19,3 +19,13 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "hf_multimax.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "usage: hf-multimax" in result.stdout and "info" in result.stdout
+
+
+def test_command_help_reads_as_written(capsys):
+    """A command's description is printed verbatim (argparse %-formats only ``help``), so ``%`` shows once."""
+    try:
+        main(["compare", "--help"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    out = capsys.readouterr().out
+    assert "95% CI" in out and "%%" not in out

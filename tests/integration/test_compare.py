@@ -137,6 +137,10 @@ def test_the_papers_comparators_in_one_run_and_multimax_only_flags(tmp_path, cap
     (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
     (["--multimax_order", "0"], "multimax_order"),
     (["--script_args", "--no_such_flag 1"], "--script_args"),
+    (["--script_args", "--max_train_steps 900"], "--script_args sets --max_train_steps, which compare sets for each run; "
+                                                 "use compare's --max_train_steps instead"),
+    (["--script_args", "--seed 3 --multimax_learning_rate 0.1"], "--script_args sets --multimax_learning_rate, --seed"),
+    (["--script_args=--group_by_length"], "--script_args '--group_by_length' are not flags of the vit"),
 ])  # fmt: skip
 def test_bad_input_is_one_error_line_before_any_training(tmp_path, capsys, flags, message):
     out = tmp_path / "never"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import hf_multimax
 from hf_multimax import data
-from scripts import load_example
+from scripts import load_example, load_module
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -232,6 +232,56 @@ def test_regeneration_script_is_shipped():
     assert (data.DATA_DIR / "regenerate.py").is_file() and (data.DATA_DIR / "NOTICE.md").is_file()
     header = (data.DATA_DIR / "en_de.tsv").read_text(encoding="utf-8").splitlines()[0]
     assert header == "source\ten\tde"
+
+
+def test_every_translation_source_is_attributed():
+    """Each origin in en_de.tsv has its row (with its pair count) in NOTICE.md and its licence texts in licenses/;
+    the regeneration script reads exactly these origins."""
+    rows = [line.split("\t") for line in (data.DATA_DIR / "en_de.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    counts = {name: sum(row[0] == name for row in rows) for name in data.TRANSLATION_SOURCES}
+    assert {row[0] for row in rows} == set(data.TRANSLATION_SOURCES) and all(counts.values())
+    assert len({row[1] for row in rows}) == len(rows) == len(data.translation_pairs())
+    notice = (data.DATA_DIR / "NOTICE.md").read_text(encoding="utf-8")
+    assert f"{len(rows):,} English→German pairs" in notice
+    for name, count in counts.items():
+        assert f"| `{name}` | {count:,} |" in notice, name
+        licences = list((data.DATA_DIR / "licenses" / name).glob("*"))
+        assert all(f.stat().st_size > 0 for f in licences), name
+        assert any("LICEN" in f.name.upper() and f.stat().st_size > 500 for f in licences), name
+    regenerate = load_module(data.DATA_DIR / "regenerate.py")
+    assert tuple(source.name for source in regenerate.sources({})) == data.TRANSLATION_SOURCES
+    assert len(data.translation_pairs(["django", "sphinx", "cldr"])) == 1546
+    with pytest.raises(ValueError, match="unknown origin.*'wikipedia'"):
+        data.translation_pairs(["wikipedia"])
+
+
+def test_regeneration_reads_po_and_json_catalogs(tmp_path):
+    """The readers of regenerate.py on small real-format files in a wheel-like zip: .po (multi-line strings, fuzzy,
+    context and plural entries, a U+2028 inside a string), Jed JSON and id-keyed JSON pairs."""
+    import zipfile
+
+    regenerate = load_module(data.DATA_DIR / "regenerate.py")
+    po = ('msgid ""\nmsgstr "Content-Type: text/plain"\n\n#: a.py:1\nmsgid "Save"\nmsgstr "Speichern"\n\n'
+          '#, fuzzy\nmsgid "Load"\nmsgstr "Laden?"\n\nmsgctxt "verb"\nmsgid "Open"\nmsgstr "Öffnen"\n\n'
+          'msgid ""\n"Delete the "\n"file"\nmsgstr "Datei löschen"\n\nmsgid "one item"\nmsgid_plural "items"\n'
+          'msgstr[0] "ein Element"\nmsgstr[1] "Elemente"\n\nmsgid "Line\u2028two"\nmsgstr "Zeile\u2028zwei"\n')
+    wheel_path = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel_path, "w") as wheel:
+        wheel.writestr("pkg/locale/de/LC_MESSAGES/django.po", po)
+        wheel.writestr("pkg/locale/fr/LC_MESSAGES/django.po", 'msgid "Save"\nmsgstr "Enregistrer"\n')
+        wheel.writestr("pkg/jed/de.json", json.dumps({"": {"domain": "x"}, "Close": ["Schließen"]}))
+        wheel.writestr("pkg/locale/en/LC_MESSAGES/m.json", json.dumps({"a.b": "Next", "a.c": "Back"}))
+        wheel.writestr("pkg/locale/de/LC_MESSAGES/m.json", json.dumps({"a.b": "Weiter"}))
+        wheel.writestr("pkg-1.0.dist-info/licenses/LICENSE", "MIT License")
+        wheel.writestr("pkg/vendored-2.0.dist-info/LICENSE", "not ours")
+    with zipfile.ZipFile(wheel_path) as wheel:
+        assert list(regenerate.po_files("pkg/*locale/de/LC_MESSAGES/*.po")(wheel)) == [
+            ("Save", "Speichern"), ("Delete the file", "Datei löschen"), ("one item", "ein Element"),
+            ("Line\u2028two", "Zeile\u2028zwei")]
+        assert list(regenerate.jed_files("pkg/jed/*.json")(wheel)) == [("Close", "Schließen")]
+        assert list(regenerate.keyed_json_files("pkg/locale")(wheel)) == [("Next", "Weiter")]
+        assert regenerate.licence_files(wheel) == ["pkg-1.0.dist-info/licenses/LICENSE"]
+    assert regenerate.clean("Delete  the\nfile") == "Delete the file" and regenerate.clean("Hello %(name)s") is None
 
 
 def test_sacrebleu_works_offline():
