@@ -92,9 +92,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, task: "Task") -> Non
                             "from scratch, 8 for a pretrained model)")
     group.add_argument("--per_device_eval_batch_size", type=int, default=32, help="evaluation batch size per device")
     if task.text_inputs:
-        group.add_argument("--group_by_length", action="store_true",
-                           help="batch examples of similar length together (as Trainer's group_by_length), so that "
-                                "padding costs little; the order stays a function of --seed and the epoch")
+        grouped = "on" if scratch.get("group_by_length") else "off"
+        lengths = group.add_mutually_exclusive_group()
+        lengths.add_argument("--group_by_length", action="store_const", const=True, default=None,
+                             help="batch examples of similar length together (as Trainer's group_by_length), so that "
+                                  "padding costs little; the order stays a function of --seed and the epoch "
+                                  f"(default {grouped} from scratch, off for a pretrained model)")
+        lengths.add_argument("--no_group_by_length", dest="group_by_length", action="store_const", const=False,
+                             help="random batches (the opposite of --group_by_length)")
     group.add_argument("--learning_rate", type=float, default=None,
                        help=f"peak learning rate of AdamW (default {scratch.get('learning_rate', 1e-3)} from scratch, "
                             "5e-5 for a pretrained model)")
@@ -181,6 +186,8 @@ def parse_args(task: "Task", argv: Sequence[str] | None = None, description: str
 def resolve_defaults(task: "Task", args: argparse.Namespace) -> argparse.Namespace:
     pretrained = args.model_name_or_path is not None
     fallback = {"learning_rate": 5e-5, "per_device_train_batch_size": 8, "num_train_epochs": 3}
+    if task.text_inputs:
+        fallback["group_by_length"] = False
     for name, value in fallback.items():
         if getattr(args, name) is None:
             setattr(args, name, value if pretrained else task.scratch_defaults.get(name, value))

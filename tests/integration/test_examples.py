@@ -190,6 +190,22 @@ def test_every_flag_has_help():
                 assert action.help, f"{task.name}: {action.option_strings} has no help"
 
 
+@pytest.mark.parametrize("task_name, argv, grouped", [
+    ("translation", [], True), ("translation", ["--no_group_by_length"], False),
+    ("translation", ["--model_name_or_path", "google-t5/t5-small"], False),
+    ("translation", ["--model_name_or_path", "google-t5/t5-small", "--group_by_length"], True),
+    ("lm", [], False), ("lm", ["--group_by_length"], True),
+])
+def test_length_grouping_defaults_on_for_translation_from_scratch(task_name, argv, grouped):
+    from hf_multimax import finetune
+    from hf_multimax.finetune.tasks import TASKS
+
+    args = finetune.parse_args(TASKS[task_name], argv)
+    assert args.group_by_length is grouped
+    if task_name == "translation" and not argv:  # compare's translation batch and about its 1000 steps
+        assert (args.per_device_train_batch_size, args.num_train_epochs, args.vocab_size) == (64, 4, 1000)
+
+
 def test_bad_flags_fail_early():
     script = load_example("run_clm")
     with pytest.raises(SystemExit):
