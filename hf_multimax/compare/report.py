@@ -99,23 +99,34 @@ def format_attention_table(results: Mapping[str, Any]) -> str:
 # -- figures -----------------------------------------------------------------------------------------------------------
 
 
-def _smoothed(losses: Sequence[Sequence[float]], weight: float = 0.9) -> tuple[list[float], list[float]]:
-    """Steps and the exponentially smoothed losses of one run."""
+def _smoothed(losses: Sequence[Sequence[float]], weight: float = 0.9,
+              period: int | None = None) -> tuple[list[float], list[float]]:
+    """Steps and the smoothed losses of one run: exponentially, or, when the batches repeat their lengths every
+    ``period`` steps (``--group_by_length``), the mean of the last ``period`` losses, which removes that sawtooth."""
     steps, values, value = [], [], None
+    window, total = [], 0.0
     for step, loss in losses:
-        value = loss if value is None else weight * value + (1 - weight) * loss
+        if period and period > 1:
+            window.append(loss)
+            total += loss
+            if len(window) > period:
+                total -= window.pop(0)
+            value = total / len(window)
+        else:
+            value = loss if value is None else weight * value + (1 - weight) * loss
         steps.append(step)
         values.append(value)
     return steps, values
 
 
 def plot_loss_curves(results: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
-    """Training loss per implementation (exponentially smoothed per run): the mean over seeds and its 95% band."""
+    """Training loss per implementation (smoothed per run, over its ``loss_period`` when it has one): the mean over
+    seeds and its 95% band."""
     from ..analysis.plots import Band, plot_bands
 
     bands = []
     for implementation in results["implementations"]:
-        curves = [_smoothed(run["losses"]) for run in results["runs"]
+        curves = [_smoothed(run["losses"], period=run.get("loss_period")) for run in results["runs"]
                   if run["implementation"] == implementation and not run.get("error") and run.get("losses")]
         if not curves:
             continue

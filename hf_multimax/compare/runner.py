@@ -269,6 +269,8 @@ def _record(spec: RunSpec, result: Mapping[str, Any] | None, seconds: float, err
         "output_dir": spec.args.output_dir,
         "losses": [list(pair) for pair in result.get("losses") or ()],
     })  # fmt: skip
+    if result.get("loss_period"):
+        record["loss_period"] = result["loss_period"]
     if error is not None:
         record["error"] = error
     return record

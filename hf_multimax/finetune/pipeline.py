@@ -239,7 +239,8 @@ def run(task: Task, args: argparse.Namespace) -> dict:
     """Train, evaluate and save one model for ``task``; return the results (also in ``all_results.json``).
 
     Returns ``{"task", "attn_implementation", "metrics", "train_loss", "losses", "time_per_step", "steps",
-    "epochs", "output_dir"}``, where ``train_loss`` is the mean of the last 10% of the training losses.
+    "epochs", "output_dir"}``, where ``train_loss`` is the mean of the last 10% of the training losses, and with
+    ``--group_by_length`` ``"loss_period"``: the steps after which the batch lengths, and with them the loss, repeat.
     """
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
@@ -321,6 +322,10 @@ def run(task: Task, args: argparse.Namespace) -> dict:
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type).rpartition(".")[2],
     }
+    if sampler is not None:
+        # Each process takes every num_processes-th batch, and a step accumulates several: the loss's period in steps.
+        per_step = accelerator.num_processes * args.gradient_accumulation_steps
+        results["loss_period"] = max(1, round(sampler.batches_per_group / per_step))
     if getattr(args, "check_replicas", False):
         results["replica_check"] = {"steps": result.replica_checks, "max_abs_diff": result.replica_max_abs_diff}
     logger.info("%s: %s", task.metric, result.metrics.get(task.metric))

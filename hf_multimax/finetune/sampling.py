@@ -39,6 +39,12 @@ class LengthGroupedSampler(Sampler[int]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
 
+    @property
+    def batches_per_group(self) -> int:
+        """Batches per mega-batch (Transformers' default ``mega_batch_mult``: 50, or fewer so that there are four).
+        Within a mega-batch the batches run from long to short sequences, so the training loss has this period."""
+        return max(1, min(len(self.lengths) // (self.batch_size * 4), 50))
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -50,4 +56,5 @@ class LengthGroupedSampler(Sampler[int]):
 
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=self.batches_per_group,
+                                               generator=generator))

@@ -206,6 +206,18 @@ def test_length_grouping_defaults_on_for_translation_from_scratch(task_name, arg
         assert (args.per_device_train_batch_size, args.num_train_epochs, args.vocab_size) == (64, 4, 1000)
 
 
+def test_grouped_runs_report_the_loss_period(tmp_path):
+    """1,000 pairs in batches of 5: mega-batches of min(1000 // 20, 50) = 50 batches, two batches a step."""
+    results = load_example("run_translation").main([
+        "--max_train_samples", "1000", "--per_device_train_batch_size", "5", "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "2", "--max_eval_samples", "4", "--num_beams", "1", "--max_target_length", "8"])
+    assert results["loss_period"] == 25
+    ungrouped = load_example("run_translation").main([
+        "--max_train_samples", "100", "--max_train_steps", "1", "--max_eval_samples", "4", "--num_beams", "1",
+        "--max_target_length", "8", "--no_group_by_length"])
+    assert "loss_period" not in ungrouped
+
+
 def test_bad_flags_fail_early():
     script = load_example("run_clm")
     with pytest.raises(SystemExit):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from hf_multimax.compare import build_results, format_attention_table, format_table, plot_loss_curves, plot_metrics
 from hf_multimax.compare.runner import jsonable, training_failure, write_results
 from hf_multimax.compare.statistics import format_aligned, summarize
@@ -81,3 +83,19 @@ def test_training_failure_and_aligned_formatting():
     assert format_aligned(summarize([0.97, 0.98, 0.99])) == "0.980 ± 0.025"
     assert format_aligned(summarize([4.2])) == "4.2"
     assert format_aligned({"mean_difference": -1e-9, "ci95": [-0.001, 0.001]}) == "0.0000 ± 0.0010"
+
+
+def test_loss_curves_average_out_the_length_grouping_period():
+    """With ``--group_by_length`` the loss repeats with the batch lengths every ``loss_period`` steps; the curve
+    averages over that period (a sawtooth of amplitude 1 leaves a flat line), while a run without one is smoothed
+    exponentially as before."""
+    from hf_multimax.compare.report import _smoothed
+
+    period = 50
+    losses = [[step, 3.0 + (step % period) / period] for step in range(1, 501)]  # mean 3.49 over every period
+    _, flat = _smoothed(losses, period=period)
+    assert max(flat[period:]) - min(flat[period:]) < 1e-9
+    assert flat[-1] == pytest.approx(3.0 + (period - 1) / (2 * period))
+    _, exponential = _smoothed(losses)
+    assert max(exponential[period:]) - min(exponential[period:]) > 0.4  # the sawtooth stays in
+    assert _smoothed(losses, period=1)[1] == exponential

@@ -44,6 +44,25 @@ def test_order_depends_on_seed_and_epoch_only():
     assert list(LengthGroupedSampler(lengths, 8, seed=2)) != first
 
 
+@pytest.mark.parametrize("n, batch_size, groups", [(2000, 16, 31), (20000, 16, 50), (10, 16, 1)])
+def test_the_order_is_transformers_grouping_with_its_period(n, batch_size, groups):
+    """Transformers' default grouping (mega-batches of min(n // (4 * batch_size), 50) batches, each sorted from long
+    to short): the same order, and the period that ``loss_period`` reports."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = lengths_of(n)
+    sampler = LengthGroupedSampler(lengths, batch_size, seed=5)
+    assert sampler.batches_per_group == groups
+    generator = torch.Generator()
+    generator.manual_seed(5)
+    order = list(sampler)
+    assert order == get_length_grouped_indices(lengths, batch_size, generator=generator)
+    size = groups * batch_size
+    for start in range(size, n, size):  # every mega-batch but the first (whose first element was swapped in)
+        chunk = [lengths[i] for i in order[start:start + size]]
+        assert chunk == sorted(chunk, reverse=True)
+
+
 def test_sequence_lengths_take_the_longer_of_source_and_target():
     dataset = Dataset.from_dict({"input_ids": [[1, 2, 3], [1]], "labels": [[5], [5, 6, 7, 8]]})
     assert sequence_lengths(dataset) == [3, 4]
