@@ -99,3 +99,14 @@ def test_loss_curves_average_out_the_length_grouping_period():
     _, exponential = _smoothed(losses)
     assert max(exponential[period:]) - min(exponential[period:]) > 0.4  # the sawtooth stays in
     assert _smoothed(losses, period=1)[1] == exponential
+
+
+def test_run_records_keep_the_loss_period_of_grouped_runs():
+    import argparse
+
+    from hf_multimax.compare.runner import RunSpec, _record
+
+    spec = RunSpec("sdpa", 0, argparse.Namespace(output_dir="out"))
+    result = {"train_loss": 1.0, "metrics": {"eval_loss": 1.0}, "losses": [(1, 1.0)], "loss_period": 7}
+    assert _record(spec, result, 1.0, None)["loss_period"] == 7
+    assert "loss_period" not in _record(spec, {k: v for k, v in result.items() if k != "loss_period"}, 1.0, None)
