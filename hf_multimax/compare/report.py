@@ -4,6 +4,7 @@ and paired differences against the baseline), ``results.md``, ``loss_curves.png`
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,18 +104,17 @@ def _smoothed(losses: Sequence[Sequence[float]], weight: float = 0.9,
               period: int | None = None) -> tuple[list[float], list[float]]:
     """Steps and the smoothed losses of one run: exponentially, or, when the batches repeat their lengths every
     ``period`` steps (``--group_by_length``), the mean of the last ``period`` losses, which removes that sawtooth."""
-    steps, values, value = [], [], None
-    window, total = [], 0.0
-    for step, loss in losses:
-        if period and period > 1:
+    steps = [step for step, _ in losses]
+    if period and period > 1:
+        window: deque[float] = deque(maxlen=period)
+        values = []
+        for _, loss in losses:
             window.append(loss)
-            total += loss
-            if len(window) > period:
-                total -= window.pop(0)
-            value = total / len(window)
-        else:
-            value = loss if value is None else weight * value + (1 - weight) * loss
-        steps.append(step)
+            values.append(sum(window) / len(window))
+        return steps, values
+    values, value = [], None
+    for _, loss in losses:
+        value = loss if value is None else weight * value + (1 - weight) * loss
         values.append(value)
     return steps, values
 
