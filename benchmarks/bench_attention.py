@@ -46,25 +46,44 @@ IMPLEMENTATIONS = ("sdpa", "eager", "multimax", "multimax_eager")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--seq", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help="sequence lengths")
     parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="dtype of queries, keys, values and MultiMax parameters (default float32)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of queries, keys, values and MultiMax parameters (default float32)",
+    )
     parser.add_argument("--order", type=int, default=2, help="SegLU order of MultiMax (default 2, the paper's)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (median reported)")
-    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
-                        help="implementations to compare (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=list(IMPLEMENTATIONS),
+        choices=IMPLEMENTATIONS,
+        help="implementations to compare (default: all)",
+    )
     parser.add_argument("--max-eager-seq", type=int, default=4096, help="skip eager SoftMax above this length")
-    parser.add_argument("--max-reference-seq", type=int, default=2048,
-                        help="skip multimax_eager (reference) above this length (it needs ~8 GB at 4096)")  # fmt: skip
+    parser.add_argument(
+        "--max-reference-seq",
+        type=int,
+        default=2048,
+        help="skip multimax_eager (reference) above this length (it needs ~8 GB at 4096)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--profile-seq", type=int, default=1024,
-                        help="length of the profile section (where the time of multimax goes); 0 to skip")  # fmt: skip
+    parser.add_argument(
+        "--profile-seq",
+        type=int,
+        default=1024,
+        help="length of the profile section (where the time of multimax goes); 0 to skip",
+    )
     parser.add_argument("--quick", action="store_true", help="seq 256 and 1024, 3 repeats")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     add_isa_argument(parser)
@@ -188,10 +207,25 @@ def main(argv=None) -> None:
             elif not args.no_memory:
                 for impl in active:
                     memory[mode][seq][impl] = peak_in_subprocess(
-                        __file__, [impl, str(seq), mode, "--batch", str(args.batch), "--heads", str(args.heads),
-                                   "--head-dim", str(args.head_dim), "--threads", str(args.threads),
-                                   "--order", str(args.order), "--dtype", args.dtype]
-                        + (["--emulate-avx2"] if args.emulate_avx2 else [])  # fmt: skip
+                        __file__,
+                        [
+                            impl,
+                            str(seq),
+                            mode,
+                            "--batch",
+                            str(args.batch),
+                            "--heads",
+                            str(args.heads),
+                            "--head-dim",
+                            str(args.head_dim),
+                            "--threads",
+                            str(args.threads),
+                            "--order",
+                            str(args.order),
+                            "--dtype",
+                            args.dtype,
+                        ]
+                        + (["--emulate-avx2"] if args.emulate_avx2 else []),
                     )
             line = ", ".join(f"{impl} {times[mode][seq][impl] * 1000:.1f} ms" for impl in active)
             print(f"seq {seq:5d} {mode:8s}: {line}", flush=True)
@@ -206,28 +240,43 @@ def main(argv=None) -> None:
         rows = []
         for seq in args.seq:
             t = times[mode][seq]
-            rows.append([str(seq)] + [fmt(t.get(impl)) for impl in impls]
-                        + [fmt_ratio(t.get(impl), t.get("sdpa")) for impl in impls if impl != "sdpa"])  # fmt: skip
-        sections.append(f"## Time, {'forward + backward' if mode == 'fwd+bwd' else 'forward (inference, no grad)'}\n\n"
-                        + markdown_table(header, rows))  # fmt: skip
+            rows.append(
+                [str(seq)]
+                + [fmt(t.get(impl)) for impl in impls]
+                + [fmt_ratio(t.get(impl), t.get("sdpa")) for impl in impls if impl != "sdpa"]
+            )
+        sections.append(
+            f"## Time, {'forward + backward' if mode == 'fwd+bwd' else 'forward (inference, no grad)'}\n\n"
+            + markdown_table(header, rows)
+        )
     if not args.no_memory:
         for mode in ("fwd+bwd", "fwd"):
             header = ["seq"] + list(impls) + [f"{impl}/sdpa" for impl in impls if impl != "sdpa"]
             rows = []
             for seq in args.seq:
                 m = memory[mode][seq]
-                rows.append([str(seq)] + [fmt(m.get(impl), "MiB") for impl in impls]
-                            + [fmt_ratio(m.get(impl), m.get("sdpa")) for impl in impls if impl != "sdpa"])  # fmt: skip
-            sections.append(f"## Peak memory above baseline (RSS high-water, fresh process), {mode}\n\n"
-                            + markdown_table(header, rows))  # fmt: skip
+                rows.append(
+                    [str(seq)]
+                    + [fmt(m.get(impl), "MiB") for impl in impls]
+                    + [fmt_ratio(m.get(impl), m.get("sdpa")) for impl in impls if impl != "sdpa"]
+                )
+            sections.append(
+                f"## Peak memory above baseline (RSS high-water, fresh process), {mode}\n\n"
+                + markdown_table(header, rows)
+            )
     # The rate of a shared machine drifts: the bound uses the best of the rates measured before and after the runs.
     gflops = max(gflops, sgemm_gflops(device=args.device, dtype=getattr(torch, args.dtype)))
     sections.append(bound_section(args, times, gflops))
     sections.append(targets(args, times, memory, gflops))
     if args.profile_seq:
         sections.append(profile_section(args, args.profile_seq))
-    data = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "sgemm_gflops": gflops,
-            "times": times, "memory": memory}  # fmt: skip
+    data = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "environment": env,
+        "sgemm_gflops": gflops,
+        "times": times,
+        "memory": memory,
+    }
     name = result_name("bench_attention" + ("_cuda" if args.device == "cuda" else ""), args)
     title = "Attention benchmark" + (" (AVX2 build and PyTorch at AVX2)" if args.emulate_avx2 else "")
     path = write_report(args.out, name, title, sections, data)
@@ -251,13 +300,25 @@ def bound_section(args: argparse.Namespace, times, gflops: float) -> str:
             flops = attention_flops(args, seq, mode)
             bound = flops / (gflops * 1e9)
             t = times[mode][seq]
-            rows.append([str(seq), mode, f"{flops / 1e9:.2f}", fmt(bound), fmt(t.get("multimax")),
-                         fmt_ratio(t.get("multimax"), bound), fmt_ratio(t.get("sdpa"), bound)])  # fmt: skip
-    return (f"## Against the sgemm bound\n\nThe time the matrix products alone would take at the `torch.mm` rate "
-            f"measured in this process (the best of before and after the runs: {gflops:.1f} GFLOP/s, {args.dtype} "
-            f"2048×2048 on {args.device}"
-            + (f", {args.threads} threads" if args.device == "cpu" else "") + ").\n\n"
-            + markdown_table(header, rows))
+            rows.append(
+                [
+                    str(seq),
+                    mode,
+                    f"{flops / 1e9:.2f}",
+                    fmt(bound),
+                    fmt(t.get("multimax")),
+                    fmt_ratio(t.get("multimax"), bound),
+                    fmt_ratio(t.get("sdpa"), bound),
+                ]
+            )
+    return (
+        f"## Against the sgemm bound\n\nThe time the matrix products alone would take at the `torch.mm` rate "
+        f"measured in this process (the best of before and after the runs: {gflops:.1f} GFLOP/s, {args.dtype} "
+        f"2048×2048 on {args.device}"
+        + (f", {args.threads} threads" if args.device == "cpu" else "")
+        + ").\n\n"
+        + markdown_table(header, rows)
+    )
 
 
 def targets(args, times, memory, gflops: float) -> str:
@@ -270,13 +331,18 @@ def targets(args, times, memory, gflops: float) -> str:
         return t["multimax"] / t["sdpa"]
 
     checks = [(f"fwd+bwd time at {seq}, multimax/SDPA", ratio(times, "fwd+bwd", seq), 1.00) for seq in args.seq]
-    checks += [(f"forward (inference) time at {seq}, multimax/SDPA", ratio(times, "fwd", seq), 1.00) for seq in args.seq]
+    checks += [
+        (f"forward (inference) time at {seq}, multimax/SDPA", ratio(times, "fwd", seq), 1.00) for seq in args.seq
+    ]
     if times["fwd+bwd"].get(1024, {}).get("multimax"):
         bound = attention_flops(args, 1024, "fwd+bwd") / (gflops * 1e9)
         checks.append(("fwd+bwd time at 1024, multimax / sgemm bound", times["fwd+bwd"][1024]["multimax"] / bound, 1.5))
     if not args.no_memory:
-        checks += [(f"peak memory fwd+bwd at {seq}, multimax/SDPA", ratio(memory, "fwd+bwd", seq), 1.10)
-                   for seq in args.seq if seq >= 2048]  # fmt: skip
+        checks += [
+            (f"peak memory fwd+bwd at {seq}, multimax/SDPA", ratio(memory, "fwd+bwd", seq), 1.10)
+            for seq in args.seq
+            if seq >= 2048
+        ]
     for name, value, limit in checks:
         if value is not None:
             lines.append(f"- {name}: **{value:.3f}** (target ≤ {limit:.2f}) {'met' if value <= limit else 'MISSED'}")
@@ -295,13 +361,22 @@ def profile_section(args: argparse.Namespace, seq: int) -> str:
         orders[f"multimax order {order}"] = make_case("multimax", seq, order_args, grad=True)
     cases = {"sdpa": make_case("sdpa", seq, args, grad=True), **orders}
     fwd_bwd = median_times(cases, rounds)
-    fwd = median_times({"sdpa": make_case("sdpa", seq, args, grad=False),
-                        "multimax": make_case("multimax", seq, args, grad=False)}, rounds)  # fmt: skip
+    fwd = median_times(
+        {"sdpa": make_case("sdpa", seq, args, grad=False), "multimax": make_case("multimax", seq, args, grad=False)},
+        rounds,
+    )
     rows = [["sdpa", fmt(fwd["sdpa"]), fmt(fwd_bwd["sdpa"] - fwd["sdpa"]), fmt(fwd_bwd["sdpa"]), "1.00"]]
     for name in orders:
         note = name == f"multimax order {args.order}"
-        rows.append([name, fmt(fwd["multimax"]) if note else "", fmt(fwd_bwd[name] - fwd["multimax"]) if note else "",
-                     fmt(fwd_bwd[name]), fmt_ratio(fwd_bwd[name], fwd_bwd["sdpa"])])  # fmt: skip
+        rows.append(
+            [
+                name,
+                fmt(fwd["multimax"]) if note else "",
+                fmt(fwd_bwd[name] - fwd["multimax"]) if note else "",
+                fmt(fwd_bwd[name]),
+                fmt_ratio(fwd_bwd[name], fwd_bwd["sdpa"]),
+            ]
+        )
     table = markdown_table(["implementation", "forward", "backward (fwd+bwd − fwd)", "fwd+bwd", "fwd+bwd / sdpa"], rows)
     run = make_case("multimax", seq, args, grad=True)
     run()
@@ -309,10 +384,12 @@ def profile_section(args: argparse.Namespace, seq: int) -> str:
         for _ in range(3):
             run()
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
-    return (f"## Profile at {seq} (causal, fwd+bwd)\n\n{table}\n\nThe C++ kernel calls appear as "
-            "`hf_multimax::attention` (forward) and `hf_multimax::attention_backward` (backward); every other "
-            "row is PyTorch work around them (gradient accumulation into .grad, buffers, casts), three iterations:\n\n"
-            f"```\n{ops}\n```")
+    return (
+        f"## Profile at {seq} (causal, fwd+bwd)\n\n{table}\n\nThe C++ kernel calls appear as "
+        "`hf_multimax::attention` (forward) and `hf_multimax::attention_backward` (backward); every other "
+        "row is PyTorch work around them (gradient accumulation into .grad, buffers, casts), three iterations:\n\n"
+        f"```\n{ops}\n```"
+    )
 
 
 def plot(args, times, memory, path: Path) -> None:
@@ -337,8 +414,9 @@ def plot(args, times, memory, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Causal attention, batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, "
-                 f"{args.threads} threads")  # fmt: skip
+    fig.suptitle(
+        f"Causal attention, batch {args.batch}, {args.heads} heads, head_dim {args.head_dim}, {args.threads} threads"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -42,7 +42,9 @@ IMPLEMENTATIONS = ("materialised", "fused", "plain CE")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="rows (batch × sequence)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
@@ -77,7 +79,9 @@ def make_case(impl: str, tokens: int, args: argparse.Namespace):
         if impl == "materialised":
             loss = unfused_linear_seglu_cross_entropy(hidden, weight, None, ranges, ts, labels)
         elif impl == "fused":
-            loss = fused_linear_seglu_cross_entropy(hidden, weight, None, ranges, ts, labels, chunk_size=args.chunk_size)
+            loss = fused_linear_seglu_cross_entropy(
+                hidden, weight, None, ranges, ts, labels, chunk_size=args.chunk_size
+            )
         else:
             loss = F.cross_entropy(F.linear(hidden, weight), labels)
         loss.backward()
@@ -108,32 +112,53 @@ def main(argv=None) -> None:
         if not args.no_memory:
             for impl in IMPLEMENTATIONS:
                 memory[tokens][impl] = peak_in_subprocess(
-                    __file__, [impl, str(tokens), f"--vocab={args.vocab}", f"--hidden={args.hidden}",
-                               f"--order={args.order}", f"--threads={args.threads}"]
+                    __file__,
+                    [
+                        impl,
+                        str(tokens),
+                        f"--vocab={args.vocab}",
+                        f"--hidden={args.hidden}",
+                        f"--order={args.order}",
+                        f"--threads={args.threads}",
+                    ]
                     + (["--emulate-avx2"] if args.emulate_avx2 else [])
-                    + ([f"--chunk-size={args.chunk_size}"] if args.chunk_size else [])  # fmt: skip
+                    + ([f"--chunk-size={args.chunk_size}"] if args.chunk_size else []),
                 )
-        print(f"tokens {tokens}: " + ", ".join(f"{i} {times[tokens][i] * 1000:.0f} ms / {memory[tokens].get(i)} MiB"
-                                               for i in IMPLEMENTATIONS), flush=True)  # fmt: skip
+        print(
+            f"tokens {tokens}: "
+            + ", ".join(f"{i} {times[tokens][i] * 1000:.0f} ms / {memory[tokens].get(i)} MiB" for i in IMPLEMENTATIONS),
+            flush=True,
+        )
     chunk = args.chunk_size or max(1, (1 << 22) // args.vocab)
-    sections = [f"Vocabulary {args.vocab}, hidden {args.hidden}, SegLU order {args.order}, chunk {chunk} rows, "
-                f"float32, forward + backward, median of {args.repeats} interleaved rounds.\n\n{env}"]  # fmt: skip
+    sections = [
+        f"Vocabulary {args.vocab}, hidden {args.hidden}, SegLU order {args.order}, chunk {chunk} rows, "
+        f"float32, forward + backward, median of {args.repeats} interleaved rounds.\n\n{env}"
+    ]
     header = ["tokens"] + [f"{i} time" for i in IMPLEMENTATIONS] + [f"{i} peak" for i in IMPLEMENTATIONS]
     header += ["fused/materialised time", "fused/materialised peak", "fused/plain CE time", "fused/plain CE peak"]
     rows = []
     for tokens in args.tokens:
         t, m = times[tokens], memory[tokens]
-        rows.append([str(tokens)] + [fmt(t[i]) for i in IMPLEMENTATIONS]
-                    + [fmt(m.get(i), "MiB") for i in IMPLEMENTATIONS]
-                    + [fmt_ratio(t["fused"], t["materialised"]), fmt_ratio(m.get("fused"), m.get("materialised")),
-                       fmt_ratio(t["fused"], t["plain CE"]), fmt_ratio(m.get("fused"), m.get("plain CE"))])  # fmt: skip
+        rows.append(
+            [str(tokens)]
+            + [fmt(t[i]) for i in IMPLEMENTATIONS]
+            + [fmt(m.get(i), "MiB") for i in IMPLEMENTATIONS]
+            + [
+                fmt_ratio(t["fused"], t["materialised"]),
+                fmt_ratio(m.get("fused"), m.get("materialised")),
+                fmt_ratio(t["fused"], t["plain CE"]),
+                fmt_ratio(m.get("fused"), m.get("plain CE")),
+            ]
+        )
     sections.append("## Forward + backward\n\n" + markdown_table(header, rows))
     lines = ["## Targets"]
     for tokens in args.tokens:
         t, m = times[tokens], memory[tokens]
         checks = [(f"time at {tokens} tokens, fused / plain SoftMax CE", t["fused"] / t["plain CE"], 1.15)]
         if m.get("fused") and m.get("plain CE"):
-            checks.append((f"peak memory at {tokens} tokens, fused / plain SoftMax CE", m["fused"] / m["plain CE"], 0.10))
+            checks.append(
+                (f"peak memory at {tokens} tokens, fused / plain SoftMax CE", m["fused"] / m["plain CE"], 0.10)
+            )
         for what, r, limit in checks:
             lines.append(f"- {what}: **{r:.3f}** (target ≤ {limit:.2f}) {'met' if r <= limit else 'MISSED'}")
     sections.append("\n".join(lines))
@@ -156,8 +181,12 @@ def plot(args, times, memory, path: Path) -> None:
     width = 0.8 / len(IMPLEMENTATIONS)
     for ax, (table, label) in zip(axes[0], panels):
         for n, impl in enumerate(IMPLEMENTATIONS):
-            ax.bar([i + n * width for i in range(len(args.tokens))], [table[t].get(impl) or 0 for t in args.tokens],
-                   width, label=impl)  # fmt: skip
+            ax.bar(
+                [i + n * width for i in range(len(args.tokens))],
+                [table[t].get(impl) or 0 for t in args.tokens],
+                width,
+                label=impl,
+            )
         ax.set_xticks([i + width for i in range(len(args.tokens))], [str(t) for t in args.tokens])
         ax.set_xlabel("tokens")
         ax.set_ylabel(label)

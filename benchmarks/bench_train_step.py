@@ -46,7 +46,9 @@ IMPLEMENTATIONS = ("sdpa", "eager", "multimax")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048], help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
@@ -56,19 +58,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
-    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS + ("multimax_eager",),
-                        help="attention implementations (default: sdpa eager multimax)")  # fmt: skip
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=list(IMPLEMENTATIONS),
+        choices=IMPLEMENTATIONS + ("multimax_eager",),
+        help="attention implementations (default: sdpa eager multimax)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--decode-cache", type=int, default=2048,
-                        help="KV-cache length of the decode-step timing (default 2048; 0 skips it)")  # fmt: skip
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile every model (Inductor) and time the compiled steps")  # fmt: skip
+    parser.add_argument(
+        "--decode-cache",
+        type=int,
+        default=2048,
+        help="KV-cache length of the decode-step timing (default 2048; 0 skips it)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (Inductor) and time the compiled steps"
+    )
     parser.add_argument("--quick", action="store_true", help="512 tokens only, 3 rounds")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     add_isa_argument(parser)
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "SEQ", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "seq", "batch", "hidden", "layers", "heads", "intermediate", "vocab", "threads", "repeats")
+    check_positive(
+        parser, args, "seq", "batch", "hidden", "layers", "heads", "intermediate", "vocab", "threads", "repeats"
+    )
     if args.decode_cache < 0:
         parser.error(f"--decode-cache must be >= 0, got {args.decode_cache}")
     if args.quick:
@@ -82,11 +96,16 @@ def build(impl: str, seq: int, args: argparse.Namespace):
 
     import hf_multimax  # noqa: F401
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads,
-                         max_position_embeddings=max(*args.seq, args.decode_cache + 1),
-                         multimax_init="paper")  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(*args.seq, args.decode_cache + 1),
+        multimax_init="paper",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(config, attn_implementation=impl)
     model.train()
@@ -160,8 +179,9 @@ def main(argv=None) -> None:
         built = {impl: build(impl, seq, args) for impl in args.impls}
         warmup = 2 if args.compile else 1  # compiled: the first call compiles, the second may recompile
         times["step"][seq] = median_times({impl: step_fn(*built[impl]) for impl in args.impls}, args.repeats, warmup)
-        times["forward"][seq] = median_times({impl: forward_fn(m, b) for impl, (m, _, b) in built.items()},
-                                             args.repeats, warmup)  # fmt: skip
+        times["forward"][seq] = median_times(
+            {impl: forward_fn(m, b) for impl, (m, _, b) in built.items()}, args.repeats, warmup
+        )
         del built
         for mode in ("step", "forward"):
             memory[mode][seq] = {}
@@ -169,14 +189,32 @@ def main(argv=None) -> None:
                 continue
             for impl in args.impls:
                 memory[mode][seq][impl] = peak_in_subprocess(
-                    __file__, [impl, str(seq), mode] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                                                         ("batch", "hidden", "layers", "heads", "intermediate", "vocab",
-                                                          "threads", "decode_cache")]
-                    + ["--seq", *map(str, args.seq)]  # fmt: skip
+                    __file__,
+                    [impl, str(seq), mode]
+                    + [
+                        f"--{k.replace('_', '-')}={getattr(args, k)}"
+                        for k in (
+                            "batch",
+                            "hidden",
+                            "layers",
+                            "heads",
+                            "intermediate",
+                            "vocab",
+                            "threads",
+                            "decode_cache",
+                        )
+                    ]
+                    + ["--seq", *map(str, args.seq)],
                 )
-        print(f"seq {seq}: " + ", ".join(f"{impl} step {times['step'][seq][impl] * 1000:.0f} ms / fwd "
-                                         f"{times['forward'][seq][impl] * 1000:.0f} ms" for impl in args.impls),
-              flush=True)  # fmt: skip
+        print(
+            f"seq {seq}: "
+            + ", ".join(
+                f"{impl} step {times['step'][seq][impl] * 1000:.0f} ms / fwd "
+                f"{times['forward'][seq][impl] * 1000:.0f} ms"
+                for impl in args.impls
+            ),
+            flush=True,
+        )
 
     decode = {}
     if args.decode_cache and not args.compile:
@@ -190,21 +228,32 @@ def main(argv=None) -> None:
         + f".\n\n{env}"
     ]
     for mode, title in (("step", "Training step (forward + backward + AdamW)"), ("forward", "Inference forward")):
-        rows = [[str(seq)] + [fmt(times[mode][seq].get(i)) for i in args.impls]
-                + [fmt_ratio(times[mode][seq].get(i), times[mode][seq].get("sdpa")) for i in others]
-                for seq in args.seq]  # fmt: skip
+        rows = [
+            [str(seq)]
+            + [fmt(times[mode][seq].get(i)) for i in args.impls]
+            + [fmt_ratio(times[mode][seq].get(i), times[mode][seq].get("sdpa")) for i in others]
+            for seq in args.seq
+        ]
         header = ["tokens"] + args.impls + [f"{i}/sdpa" for i in others]
         sections.append(f"## {title}: time\n\n" + markdown_table(header, rows))
         if not args.no_memory and not args.compile:
-            rows = [[str(seq)] + [fmt(memory[mode][seq].get(i), "MiB") for i in args.impls]
-                    + [fmt_ratio(memory[mode][seq].get(i), memory[mode][seq].get("sdpa")) for i in others]
-                    for seq in args.seq]  # fmt: skip
-            sections.append(f"## {title}: peak memory above baseline (RSS high-water, fresh process)\n\n"
-                            + markdown_table(header, rows))  # fmt: skip
+            rows = [
+                [str(seq)]
+                + [fmt(memory[mode][seq].get(i), "MiB") for i in args.impls]
+                + [fmt_ratio(memory[mode][seq].get(i), memory[mode][seq].get("sdpa")) for i in others]
+                for seq in args.seq
+            ]
+            sections.append(
+                f"## {title}: peak memory above baseline (RSS high-water, fresh process)\n\n"
+                + markdown_table(header, rows)
+            )
     if decode:
         header = ["KV cache", *args.impls] + [f"{i}/sdpa" for i in others]
-        rows = [[str(args.decode_cache)] + [fmt(decode.get(i)) for i in args.impls]
-                + [fmt_ratio(decode.get(i), decode.get("sdpa")) for i in others]]  # fmt: skip
+        rows = [
+            [str(args.decode_cache)]
+            + [fmt(decode.get(i)) for i in args.impls]
+            + [fmt_ratio(decode.get(i), decode.get("sdpa")) for i in others]
+        ]
         sections.append(f"## Decode step (batch {args.batch}, one token, no grad)\n\n" + markdown_table(header, rows))
     limit = 1.10 if args.compile else 1.05
     lines = ["## Targets"]
@@ -213,20 +262,31 @@ def main(argv=None) -> None:
             t = times[mode][seq]
             if "multimax" in t and t.get("sdpa"):
                 r = t["multimax"] / t["sdpa"]
-                lines.append(f"- {what} at {seq}, multimax/SDPA: **{r:.3f}** (target ≤ {limit:.2f}) "
-                             f"{'met' if r <= limit else 'MISSED'}")  # fmt: skip
+                lines.append(
+                    f"- {what} at {seq}, multimax/SDPA: **{r:.3f}** (target ≤ {limit:.2f}) "
+                    f"{'met' if r <= limit else 'MISSED'}"
+                )
         m = memory["step"].get(seq, {})
         if m.get("multimax") and m.get("sdpa"):
             r = m["multimax"] / m["sdpa"]
-            lines.append(f"- training step peak memory at {seq}, multimax/SDPA: **{r:.3f}** (target ≤ 1.05) "
-                         f"{'met' if r <= 1.05 else 'MISSED'}")  # fmt: skip
+            lines.append(
+                f"- training step peak memory at {seq}, multimax/SDPA: **{r:.3f}** (target ≤ 1.05) "
+                f"{'met' if r <= 1.05 else 'MISSED'}"
+            )
     if decode.get("multimax") and decode.get("sdpa"):
         r = decode["multimax"] / decode["sdpa"]
-        lines.append(f"- decode step against a {args.decode_cache}-token cache, multimax/SDPA: **{r:.3f}** (target "
-                     f"≤ 1.05) {'met' if r <= 1.05 else 'MISSED'}")  # fmt: skip
+        lines.append(
+            f"- decode step against a {args.decode_cache}-token cache, multimax/SDPA: **{r:.3f}** (target "
+            f"≤ 1.05) {'met' if r <= 1.05 else 'MISSED'}"
+        )
     sections.append("\n".join(lines))
-    data = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "times": times, "memory": memory,
-            "decode": decode}  # fmt: skip
+    data = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "environment": env,
+        "times": times,
+        "memory": memory,
+        "decode": decode,
+    }
     name = result_name("bench_train_step" + ("_compile" if args.compile else ""), args)
     title = "Training-step benchmark" + (" (torch.compile)" if args.compile else "")
     title += " (AVX2 build and PyTorch at AVX2)" if args.emulate_avx2 else ""

@@ -72,8 +72,9 @@ def peak_in_subprocess(script: str, args: list[str], timeout: float = 900) -> fl
     # Large blocks are mmap'ed and unmapped on free, so the resident set follows the live tensors instead of what
     # glibc keeps cached from earlier steps (which would hide part of the measured step's peak).
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     if proc.returncode != 0:
         print(f"  memory child {args} failed: {proc.stderr.strip()[-400:]}", file=sys.stderr)
         return None
@@ -91,9 +92,12 @@ _AVX2_MARK = "HF_MULTIMAX_BENCH_AVX2"
 
 
 def add_isa_argument(parser) -> None:
-    parser.add_argument("--emulate-avx2", action="store_true",
-                        help="run every implementation as on an AVX2 CPU (the kernel built with -march=x86-64-v3, "
-                             "PyTorch at CPU capability AVX2, MKL limited to AVX2); results get the suffix _avx2")  # fmt: skip
+    parser.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="run every implementation as on an AVX2 CPU (the kernel built with -march=x86-64-v3, "
+        "PyTorch at CPU capability AVX2, MKL limited to AVX2); results get the suffix _avx2",
+    )
 
 
 def apply_isa(args) -> None:
@@ -125,11 +129,16 @@ def isa_description() -> str:
     _, flags = cpu_kernel.host_cpu()
     host = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON" if "asimd" in flags else "other"
     available, reason = cpu_kernel.cpu_kernel_status()
-    kernel = (f"-march={cpu_kernel.cpu_target()} ({cpu_kernel.vector_lanes()} float lanes)" if available
-              else f"unavailable ({reason})")  # fmt: skip
+    kernel = (
+        f"-march={cpu_kernel.cpu_target()} ({cpu_kernel.vector_lanes()} float lanes)"
+        if available
+        else f"unavailable ({reason})"
+    )
     mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default")
-    return (f"host ISA {host}, PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}, MKL instructions "
-            f"{mkl}, fused kernel build {kernel}")  # fmt: skip
+    return (
+        f"host ISA {host}, PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}, MKL instructions "
+        f"{mkl}, fused kernel build {kernel}"
+    )
 
 
 def environment() -> str:
@@ -172,9 +181,11 @@ def write_report(out_dir: Path, name: str, title: str, sections: list[str], data
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.md"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    note = (f"Load average after the run: {load}. The machine is shared: a load well above the thread count means "
-            "other processes competed for the cores, which inflates absolute times (ratios are measured round-robin "
-            "and suffer less).")  # fmt: skip
+    note = (
+        f"Load average after the run: {load}. The machine is shared: a load well above the thread count means "
+        "other processes competed for the cores, which inflates absolute times (ratios are measured round-robin "
+        "and suffer less)."
+    )
     path.write_text(f"# {title}\n\n" + "\n\n".join([*sections, note]) + "\n", encoding="utf-8")
     (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     return path

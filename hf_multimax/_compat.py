@@ -39,8 +39,11 @@ class _AliasLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         module.__spec__ = self.spec  # importlib set it to the alias's; the module keeps its own identity
-        warnings.warn(f"{self.alias} moved to {self.target}; import it from there (the old name will be removed)",
-                      FutureWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{self.alias} moved to {self.target}; import it from there (the old name will be removed)",
+            FutureWarning,
+            stacklevel=2,
+        )
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):

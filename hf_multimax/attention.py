@@ -26,8 +26,8 @@ def get_modulator(module: nn.Module):
     if modulator is None:
         raise RuntimeError(
             f"{type(module).__name__} has no MultiMax parameters. Select MultiMax through Transformers so that they are "
-            "created: `from_pretrained(..., attn_implementation=\"multimax\")`, `from_config(config, "
-            "attn_implementation=\"multimax\")` or `model.set_attn_implementation(\"multimax\")` (after `import "
+            'created: `from_pretrained(..., attn_implementation="multimax")`, `from_config(config, '
+            'attn_implementation="multimax")` or `model.set_attn_implementation("multimax")` (after `import '
             "hf_multimax`), rather than setting `config._attn_implementation` by hand."
         )
     return modulator
@@ -39,7 +39,7 @@ def check_extras(kwargs: dict, implementation: str = "multimax") -> None:
         if kwargs.get(name) is not None:
             raise ValueError(
                 f"attn_implementation={implementation!r} does not support `{name}` (passed by this model's attention "
-                "layer); use attn_implementation=\"eager\" or \"sdpa\" for this model."
+                'layer); use attn_implementation="eager" or "sdpa" for this model.'
             )
 
 
@@ -156,9 +156,17 @@ def multimax_attention_forward(
     check_extras(kwargs)
     if wants_attention_weights(module, kwargs):
         return multimax_eager_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal,
-            position_bias=position_bias, **kwargs,
-        )  # fmt: skip
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=scaling,
+            dropout=dropout,
+            is_causal=is_causal,
+            position_bias=position_bias,
+            **kwargs,
+        )
     modulator = get_modulator(module)
     n_rep = getattr(module, "num_key_value_groups", 1)
     if key.shape[1] * n_rep != query.shape[1]:
@@ -168,9 +176,15 @@ def multimax_attention_forward(
         )
     causal = resolve_causal(module, attention_mask, is_causal, query.shape[2])
     out = multimax_attention(
-        query, key, value, modulator.multimax_ranges, modulator.multimax_ts,
+        query,
+        key,
+        value,
+        modulator.multimax_ranges,
+        modulator.multimax_ts,
         scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
-        attention_mask=attention_mask, is_causal=causal, position_bias=position_bias,
+        attention_mask=attention_mask,
+        is_causal=causal,
+        position_bias=position_bias,
         dropout_p=dropout if module.training else 0.0,
-    )  # fmt: skip
+    )
     return out, None

@@ -117,8 +117,11 @@ class Checkpoint:
     @property
     def multimax_parameters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{module name: (ranges, ts)}`` of every SegLU (attention layers and output head)."""
-        return {m.name: (m.tensors["multimax_ranges"], m.tensors["multimax_ts"]) for m in self.modules
-                if m.attribute == SEGLU_ATTRIBUTE}  # fmt: skip
+        return {
+            m.name: (m.tensors["multimax_ranges"], m.tensors["multimax_ts"])
+            for m in self.modules
+            if m.attribute == SEGLU_ATTRIBUTE
+        }
 
     def role(self, name: str) -> str | None:
         """The role of the module called ``name``."""
@@ -178,8 +181,12 @@ def _structural_roles(config: Any, architecture: str | None, implementation: str
             else:
                 model = transformers.AutoModel.from_config(config, attn_implementation=implementation or "eager")
     except Exception as error:  # an architecture this Transformers lacks, custom code...: roles stay unknown
-        logger.info("could not build %s on the meta device to read its structure (%s: %s)", architecture,
-                    type(error).__name__, error)  # fmt: skip
+        logger.info(
+            "could not build %s on the meta device to read its structure (%s: %s)",
+            architecture,
+            type(error).__name__,
+            error,
+        )
         return None
     return {_saved_name(model, found): found.role for found in registry.parameter_modules(model)}
 
@@ -277,8 +284,10 @@ def read_checkpoint(
     if saved and config is not None:
         guess = registry.implementation_of(entry["attribute"] for entry in saved.values())
         roles = _structural_roles(config, architecture, guess)
-    modules = [SavedModule(name, entry["attribute"], roles.get(name) if roles is not None else None, entry["tensors"])
-               for name, entry in sorted(saved.items(), key=lambda kv: natural_key(kv[0]))]  # fmt: skip
+    modules = [
+        SavedModule(name, entry["attribute"], roles.get(name) if roles is not None else None, entry["tensors"])
+        for name, entry in sorted(saved.items(), key=lambda kv: natural_key(kv[0]))
+    ]
     implementation = registry.implementation_of(m.attribute for m in modules if m.role != "output")
     implementation = implementation or _recorded_implementation(folder)
 

@@ -74,7 +74,9 @@ ENTMAX_ALPHA_ATTRIBUTE = "entmax_alpha"
 # Masked normalisers: (scores float32 (batch, heads, q, k), valid bool broadcastable or None) -> weights float32
 
 
-def masked_normalize(fn: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def masked_normalize(
+    fn: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
     """Apply a normaliser ``fn`` over the last dimension to the unmasked entries of each row of ``scores``.
 
     Masked entries are replaced by a finite value far below the row maximum (see :data:`MASK_GAP`), the output is
@@ -105,7 +107,9 @@ def masked_entmax15(scores: torch.Tensor, valid: torch.Tensor | None = None) -> 
     return masked_normalize(lambda x: entmax15(x, dim=-1), scores, valid)
 
 
-def masked_entmax_alpha(scores: torch.Tensor, alpha: torch.Tensor | float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def masked_entmax_alpha(
+    scores: torch.Tensor, alpha: torch.Tensor | float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """α-EntMax (bisection) over the last dimension: ``p = [(α-1)s - τ]₊^(1/(α-1))`` with τ such that Σp = 1.
 
     ``alpha``: a float, or a tensor of per-head values (shape ``(heads,)``) for ``(batch, heads, q, k)`` scores;
@@ -150,7 +154,9 @@ class EntmaxAlphaParameters(nn.Module):
 
     PARAMETER_NAMES = ("pre_alpha",)
 
-    def __init__(self, num_heads: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, num_heads: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.pre_alpha = nn.Parameter(torch.empty(num_heads, device=device, dtype=dtype))
@@ -179,7 +185,9 @@ def build_entmax_alpha(module: nn.Module, config: "PreTrainedConfig") -> EntmaxA
 # Attention functions
 
 
-def sparse_attention(normalize: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor], name: str) -> Callable:
+def sparse_attention(
+    normalize: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor], name: str
+) -> Callable:
     """Build an attention function (Transformers' backend signature) around ``normalize(module, scores, valid)``."""
 
     def attention_forward(
@@ -196,7 +204,9 @@ def sparse_attention(normalize: Callable[[nn.Module, torch.Tensor, torch.Tensor 
     ) -> tuple[torch.Tensor, torch.Tensor]:
         check_extras(kwargs, name)
         # At least float32: the entmax sorts / bisections and Ev-SoftMax's mean are not bfloat16-safe.
-        scores, value, causal = dense_scores(module, query, key, value, attention_mask, scaling, is_causal, position_bias)
+        scores, value, causal = dense_scores(
+            module, query, key, value, attention_mask, scaling, is_causal, position_bias
+        )
         valid, bias = score_mask(attention_mask, causal, scores.shape[-2], scores.shape[-1], scores.device)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
@@ -215,8 +225,8 @@ def entmax_alpha_of(module: nn.Module) -> torch.Tensor:
     if parameters is None:
         raise RuntimeError(
             f"{type(module).__name__} has no learnable α. Select it through Transformers so that it is created: "
-            "`from_pretrained(..., attn_implementation=\"entmax_alpha\")`, `from_config(config, attn_implementation="
-            "\"entmax_alpha\")` or `model.set_attn_implementation(\"entmax_alpha\")` (after `import hf_multimax`)."
+            '`from_pretrained(..., attn_implementation="entmax_alpha")`, `from_config(config, attn_implementation='
+            '"entmax_alpha")` or `model.set_attn_implementation("entmax_alpha")` (after `import hf_multimax`).'
         )
     return parameters.alpha()
 

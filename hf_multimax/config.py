@@ -63,7 +63,9 @@ class MultiMaxSettings:
     @classmethod
     def from_config(cls, config: Any) -> "MultiMaxSettings":
         """Read the flags off a Transformers config (defaults for the ones it does not set)."""
-        return cls(**{name.removeprefix("multimax_"): getattr(config, name, FLAG_DEFAULTS[name]) for name in FLAG_DEFAULTS})
+        return cls(
+            **{name.removeprefix("multimax_"): getattr(config, name, FLAG_DEFAULTS[name]) for name in FLAG_DEFAULTS}
+        )
 
     def write_to(self, config: Any) -> None:
         """Store every flag on ``config`` explicitly, so that ``config.json`` records them."""

@@ -26,14 +26,14 @@ def seglu_order(ranges: torch.Tensor, ts: torch.Tensor) -> int:
     """
     for name, value in (("ranges", ranges), ("ts", ts)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"`{name}` must be a floating-point torch.Tensor, got {type(value).__name__}"
-                            + (f" of dtype {value.dtype}" if isinstance(value, torch.Tensor) else ""))
+            raise TypeError(
+                f"`{name}` must be a floating-point torch.Tensor, got {type(value).__name__}"
+                + (f" of dtype {value.dtype}" if isinstance(value, torch.Tensor) else "")
+            )
     if ranges.shape != ts.shape:
         raise ValueError(f"`ranges` and `ts` must have the same shape, got {tuple(ranges.shape)} and {tuple(ts.shape)}")
     if ranges.dim() not in (1, 2) or ranges.shape[-1] < 2 or ranges.shape[-1] % 2:
-        raise ValueError(
-            f"`ranges` must have shape (2N,) or (num_heads, 2N) with N >= 1, got {tuple(ranges.shape)}"
-        )
+        raise ValueError(f"`ranges` must have shape (2N,) or (num_heads, 2N) with N >= 1, got {tuple(ranges.shape)}")
     return ranges.shape[-1] // 2
 
 
@@ -116,7 +116,10 @@ def seglu_parameter_grads(sums: torch.Tensor, ts: torch.Tensor) -> tuple[torch.T
     e.g. one per head, broadcast against ``ts``), in float64: ``∂σ/∂t = a^n``, ``∂σ/∂r_low = n·t·a^(n-1)``,
     ``∂σ/∂r_high = -n·t·a^(n-1)``."""
     order = sums.shape[-1] // 4
-    coef = torch.tensor([(n if side == 0 else -n) for n in range(1, order + 1) for side in (0, 1)],
-                        dtype=torch.float64, device=sums.device)  # fmt: skip
+    coef = torch.tensor(
+        [(n if side == 0 else -n) for n in range(1, order + 1) for side in (0, 1)],
+        dtype=torch.float64,
+        device=sums.device,
+    )
     sums = sums.double()
     return coef * ts.detach().double() * sums[..., 2 * order :], sums[..., : 2 * order]

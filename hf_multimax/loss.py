@@ -45,8 +45,9 @@ def unfused_linear_seglu_cross_entropy(
     cast back to the logits' dtype, then Transformers' float32 cross-entropy. Materialises every logit."""
     logits = F.linear(hidden, weight, bias)
     logits = seglu(logits.float(), ranges.to(torch.float32), ts.to(torch.float32)).to(logits.dtype)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
-                           reduction=reduction)  # fmt: skip
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction=reduction
+    )
 
 
 def fused_linear_seglu_cross_entropy(
@@ -88,8 +89,9 @@ def fused_linear_seglu_cross_entropy(
         chunk_size = max(1, CHUNK_ELEMENTS // weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return linear_seglu_cross_entropy(hidden2d, weight, bias, ranges, ts, labels1d, ignore_index, int(chunk_size),
-                                      reduction, backend)  # fmt: skip
+    return linear_seglu_cross_entropy(
+        hidden2d, weight, bias, ranges, ts, labels1d, ignore_index, int(chunk_size), reduction, backend
+    )
 
 
 def causal_lm_loss(
@@ -116,6 +118,12 @@ def causal_lm_loss(
     hidden = model.base_model(**model_inputs)[0]
     shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     return fused_linear_seglu_cross_entropy(
-        hidden, head.weight, head.bias, modulator.multimax_ranges, modulator.multimax_ts, shifted.to(hidden.device),
-        ignore_index=ignore_index, chunk_size=chunk_size,
-    )  # fmt: skip
+        hidden,
+        head.weight,
+        head.bias,
+        modulator.multimax_ranges,
+        modulator.multimax_ts,
+        shifted.to(hidden.device),
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )

@@ -48,7 +48,9 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     with the masked ones (see :func:`masked_threshold`) set to ``-inf``."""
     if attention_mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-        return torch.where(attention_mask, zero, torch.full((), float("-inf"), dtype=dtype, device=attention_mask.device))
+        return torch.where(
+            attention_mask, zero, torch.full((), float("-inf"), dtype=dtype, device=attention_mask.device)
+        )
     masked = attention_mask <= masked_threshold(attention_mask.dtype)
     return attention_mask.to(dtype).masked_fill(masked, float("-inf"))
 

@@ -139,8 +139,12 @@ def add(name: str, implementation: Implementation) -> None:
     if implementation.parameters is not None:
         for other_name, other in IMPLEMENTATIONS.items():
             spec = other.parameters
-            if (spec is not None and other_name != name and spec.attribute == implementation.parameters.attribute
-                    and spec is not implementation.parameters):  # fmt: skip
+            if (
+                spec is not None
+                and other_name != name
+                and spec.attribute == implementation.parameters.attribute
+                and spec is not implementation.parameters
+            ):
                 raise ValueError(
                     f"implementation {name!r} keeps its parameters under `{implementation.parameters.attribute}`, which "
                     f"{other_name!r} already uses for other parameters; choose another attribute"
@@ -192,7 +196,9 @@ def implementation_of(attributes) -> str | None:
     model, or a parameter-free comparator). MultiMax's SegLU also serves output heads (``multimax_output``): when the
     roles are unknown and another implementation's attribute is present too, that one names the attention."""
     attributes = set(attributes)
-    names = [name for name, impl in IMPLEMENTATIONS.items() if impl.parameters and impl.parameters.attribute in attributes]
+    names = [
+        name for name, impl in IMPLEMENTATIONS.items() if impl.parameters and impl.parameters.attribute in attributes
+    ]
     others = [name for name in names if IMPLEMENTATIONS[name].parameters is not MULTIMAX_PARAMETERS]
     return (others or names or [None])[0]
 

@@ -76,8 +76,10 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 def summary(root: Path) -> str:
     modules, edges = graph(root)
     sizes = sorted(((len(p.read_text(encoding="utf-8").splitlines()), m) for m, p in modules.items()), reverse=True)
-    lines = [f"modules: {len(modules)}; import edges: {sum(map(len, edges.values()))}; cycles: {len(cycles(edges))}; "
-             f"largest: {sizes[0][1]} ({sizes[0][0]} lines)"]
+    lines = [
+        f"modules: {len(modules)}; import edges: {sum(map(len, edges.values()))}; cycles: {len(cycles(edges))}; "
+        f"largest: {sizes[0][1]} ({sizes[0][0]} lines)"
+    ]
     lines += [f"  cycle: {' <-> '.join(c)}" for c in cycles(edges)]
     return "\n".join(lines)
 

@@ -2,7 +2,14 @@
 (:mod:`.collect`), inputs for saved models (:mod:`.inputs`), figures (:mod:`.plots`) and the ``analyze`` report
 (:mod:`.report`)."""
 
-from .collect import AttentionMap, ModelAnalysis, analyze_model, collect_attention, returning_attention_weights, weights_implementation
+from .collect import (
+    AttentionMap,
+    ModelAnalysis,
+    analyze_model,
+    collect_attention,
+    returning_attention_weights,
+    weights_implementation,
+)
 from .inputs import AnalysisInputError, load_for_analysis
 from .metrics import (
     MODE_THRESHOLD,

@@ -45,8 +45,12 @@ __all__ = [
 
 #: Transformers' implementations that do not return attention weights -> the one that computes the same weights and
 #: returns them (the registry's implementations say so themselves: ``Implementation.weights_twin``).
-SOFTMAX_WEIGHTS_TWINS = {"sdpa": "eager", "flash_attention_2": "eager", "flash_attention_3": "eager",
-                         "flex_attention": "eager"}  # fmt: skip
+SOFTMAX_WEIGHTS_TWINS = {
+    "sdpa": "eager",
+    "flash_attention_2": "eager",
+    "flash_attention_3": "eager",
+    "flex_attention": "eager",
+}
 #: First components of module names that only say which model class holds the layers.
 MODEL_PREFIXES = {"model", "base_model", "transformer", "vit", "bert", "roberta", "deit", "encoder_model"}
 
@@ -95,15 +99,18 @@ def _module_eager(module: nn.Module) -> Callable:
     for ``"eager"`` when the mapping has no entry of that name."""
     function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if function is None:
-        raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward to record the scores of "
-                           f"{type(module).__name__} with")  # fmt: skip
+        raise RuntimeError(
+            f"{type(module).__module__} has no eager_attention_forward to record the scores of "
+            f"{type(module).__name__} with"
+        )
     return function
 
 
 def _record_scores(module: nn.Module, query, key, value, attention_mask, scaling, kwargs: dict) -> torch.Tensor:
     """The scores a normaliser sees, computed as the reference paths compute them (float32, GQA heads repeated)."""
-    scores, _, _ = dense_scores(module, query, key, value, attention_mask, scaling, kwargs.get("is_causal"),
-                                kwargs.get("position_bias"))  # fmt: skip
+    scores, _, _ = dense_scores(
+        module, query, key, value, attention_mask, scaling, kwargs.get("is_causal"), kwargs.get("position_bias")
+    )
     if isinstance(attention_mask, torch.Tensor):
         _, bias = score_mask(attention_mask, False, scores.shape[-2], scores.shape[-1], scores.device)
         if bias is not None:
@@ -209,19 +216,31 @@ def collect_attention(
             handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
         with returning_attention_weights(model), torch.no_grad():
-            names = {getattr(getattr(m, "config", None), "_attn_implementation", None) or model.config._attn_implementation
-                     for m in modules} if record_scores else set()  # fmt: skip
+            names = (
+                {
+                    getattr(getattr(m, "config", None), "_attn_implementation", None)
+                    or model.config._attn_implementation
+                    for m in modules
+                }
+                if record_scores
+                else set()
+            )
             with recording_scores(names, scores):
                 outputs = model(**inputs, output_attentions=True, output_hidden_states=True)
     finally:
         for handle in handles:
             handle.remove()
     if not maps:
-        raise RuntimeError(f"{type(model).__name__} has no attention module that routes through Transformers' AttentionInterface")
+        raise RuntimeError(
+            f"{type(model).__name__} has no attention module that routes through Transformers' AttentionInterface"
+        )
     if record_scores and any(m.scores is None for m in maps):
         missing = [m.name for m in maps if m.scores is None]
-        logger.warning("no pre-normalisation scores recorded for %d attention module(s) (%s): the paper's measures are "
-                       "NaN there", len(missing), ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))  # fmt: skip
+        logger.warning(
+            "no pre-normalisation scores recorded for %d attention module(s) (%s): the paper's measures are NaN there",
+            len(missing),
+            ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""),
+        )
     return maps, outputs
 
 
@@ -267,7 +286,10 @@ def short_name(name: str) -> str:
 def learned_modulators(model: nn.Module) -> dict[str, dict[str, list]]:
     """Every SegLU's learned parameters: ``{module name: {"ranges": [...], "ts": [...]}}``."""
     return {
-        name: {"ranges": seglu.multimax_ranges.detach().float().cpu().tolist(), "ts": seglu.multimax_ts.detach().float().cpu().tolist()}
+        name: {
+            "ranges": seglu.multimax_ranges.detach().float().cpu().tolist(),
+            "ts": seglu.multimax_ts.detach().float().cpu().tolist(),
+        }
         for name, seglu in multimax_modules(model).items()
     }
 
@@ -326,8 +348,11 @@ def analyze_model(
             entry[key] = _nanmean([float(v) for v in per_head])
             entry[f"{key}_per_head"] = [round(float(v), 6) for v in per_head]
         layers.append(entry)
-    overall = {key: _nanmean([layer[key] for layer in layers]) for key in layers[0] if key not in ("name", "heads")
-               and not key.endswith("_per_head")}  # fmt: skip
+    overall = {
+        key: _nanmean([layer[key] for layer in layers])
+        for key in layers[0]
+        if key not in ("name", "heads") and not key.endswith("_per_head")
+    }
     hidden = _hidden_states(outputs)
     similarity = []
     if hidden is not None:
@@ -349,5 +374,3 @@ def analyze_model(
         entmax_alpha=learned_alphas(model),
         model=model,
     )
-
-

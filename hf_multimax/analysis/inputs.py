@@ -57,19 +57,24 @@ def load_for_analysis(path: str | Path, attn_implementation: str | None = None) 
 
     checkpoint = read_checkpoint(path)
     implementation = attn_implementation or checkpoint.attn_implementation or "eager"
-    model_class = getattr(transformers, checkpoint.architecture or "", None) or getattr(transformers, checkpoint.auto_class)
+    model_class = getattr(transformers, checkpoint.architecture or "", None) or getattr(
+        transformers, checkpoint.auto_class
+    )
     flags = {name: value for name, value in checkpoint.flags.items() if name != "multimax_init"}
     if checkpoint.is_adapter:
         from peft import PeftModel
 
         if not checkpoint.base_model:
-            raise AnalysisInputError(f"the adapter in {path} names no base model (adapter_config.json "
-                                     "base_model_name_or_path is empty)")  # fmt: skip
+            raise AnalysisInputError(
+                f"the adapter in {path} names no base model (adapter_config.json base_model_name_or_path is empty)"
+            )
         try:
             base = model_class.from_pretrained(checkpoint.base_model, attn_implementation=implementation, **flags)
         except OSError as error:
-            raise AnalysisInputError(f"the adapter's base model {checkpoint.base_model!r} cannot be loaded here "
-                                     f"({error}); analyze needs it on disk or in the local Hub cache") from error  # fmt: skip
+            raise AnalysisInputError(
+                f"the adapter's base model {checkpoint.base_model!r} cannot be loaded here "
+                f"({error}); analyze needs it on disk or in the local Hub cache"
+            ) from error
         model = PeftModel.from_pretrained(base, str(path)).eval()
     else:
         model = model_class.from_pretrained(str(path), attn_implementation=implementation).eval()
@@ -101,8 +106,10 @@ def _tokenizer(path: Path, checkpoint: Checkpoint, model: nn.Module, kind: str, 
         try:
             return AutoTokenizer.from_pretrained(tokenizer_name)
         except (OSError, ValueError) as error:
-            raise AnalysisInputError(f"--tokenizer {tokenizer_name!r} could not be loaded ({error}); pass a folder "
-                                     "with a saved tokenizer or a Hub name available offline") from error  # fmt: skip
+            raise AnalysisInputError(
+                f"--tokenizer {tokenizer_name!r} could not be loaded ({error}); pass a folder "
+                "with a saved tokenizer or a Hub name available offline"
+            ) from error
     source = checkpoint.base_model if checkpoint.is_adapter and not checkpoint.has_tokenizer else str(path)
     if checkpoint.has_tokenizer or checkpoint.is_adapter:
         try:
@@ -111,22 +118,37 @@ def _tokenizer(path: Path, checkpoint: Checkpoint, model: nn.Module, kind: str, 
             logger.info("could not load the tokenizer of %s (%s)", source, error)
     vocab = _vocab_size(model)
     if vocab is not None and vocab >= MIN_BPE_VOCAB:
-        texts = [en for en, _ in data.translation_pairs()] + [de for _, de in data.translation_pairs()] \
-            if kind == "seq2seq" else data.lm_texts()  # fmt: skip
-        tokenizer = data.build_tokenizer(texts, vocab_size=min(vocab, 2000), min_frequency=1 if kind == "seq2seq" else 2)
-        logger.warning("%s has no tokenizer: using a byte-level BPE tokenizer of %d tokens trained on the embedded data "
-                       "(pass --tokenizer NAME_OR_PATH for the model's own)", label, len(tokenizer))  # fmt: skip
+        texts = (
+            [en for en, _ in data.translation_pairs()] + [de for _, de in data.translation_pairs()]
+            if kind == "seq2seq"
+            else data.lm_texts()
+        )
+        tokenizer = data.build_tokenizer(
+            texts, vocab_size=min(vocab, 2000), min_frequency=1 if kind == "seq2seq" else 2
+        )
+        logger.warning(
+            "%s has no tokenizer: using a byte-level BPE tokenizer of %d tokens trained on the embedded data "
+            "(pass --tokenizer NAME_OR_PATH for the model's own)",
+            label,
+            len(tokenizer),
+        )
         return tokenizer
-    logger.warning("%s has no tokenizer and a vocabulary of %s tokens, too small for one built here: using random "
-                   "token ids (pass --tokenizer NAME_OR_PATH for real text)", label, vocab)  # fmt: skip
+    logger.warning(
+        "%s has no tokenizer and a vocabulary of %s tokens, too small for one built here: using random "
+        "token ids (pass --tokenizer NAME_OR_PATH for real text)",
+        label,
+        vocab,
+    )
     return None
 
 
 def _random_ids(model: nn.Module, rows: int, length: int, seed: int = 0) -> torch.Tensor:
     vocab = _vocab_size(model)
     if not vocab:
-        raise AnalysisInputError(f"{type(model).__name__} has no tokenizer and no vocabulary size to draw token ids "
-                                 "from; pass --tokenizer NAME_OR_PATH")  # fmt: skip
+        raise AnalysisInputError(
+            f"{type(model).__name__} has no tokenizer and no vocabulary size to draw token ids "
+            "from; pass --tokenizer NAME_OR_PATH"
+        )
     return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
@@ -168,13 +190,20 @@ def text_inputs(
     inputs = dict(tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length))
     vocab = _vocab_size(model)
     if vocab is not None and int(inputs["input_ids"].max()) >= vocab:
-        raise AnalysisInputError(f"the tokenizer gives token ids up to {int(inputs['input_ids'].max())} but the model "
-                                 f"has {vocab}; pass --tokenizer NAME_OR_PATH with the model's own tokenizer")  # fmt: skip
+        raise AnalysisInputError(
+            f"the tokenizer gives token ids up to {int(inputs['input_ids'].max())} but the model "
+            f"has {vocab}; pass --tokenizer NAME_OR_PATH with the model's own tokenizer"
+        )
     if "token_type_ids" not in inspect.signature(model.forward).parameters:
         inputs.pop("token_type_ids", None)
     if kind == "seq2seq":
-        labels = tokenizer(text_target=list(targets or texts), return_tensors="pt", padding=True, truncation=True,
-                           max_length=max_length)["input_ids"]  # fmt: skip
+        labels = tokenizer(
+            text_target=list(targets or texts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )["input_ids"]
         if hasattr(model, "prepare_decoder_input_ids_from_labels"):
             inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
         else:
@@ -183,7 +212,11 @@ def text_inputs(
 
 
 def image_inputs(
-    path: str | Path, checkpoint: Checkpoint, model: nn.Module, image_dir: str | Path | None, num_samples: int,
+    path: str | Path,
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    image_dir: str | Path | None,
+    num_samples: int,
     label: str = "the model",
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Pixel values for a vision model and a description of them: images from ``image_dir`` (or scikit-learn's digits,
@@ -219,7 +252,11 @@ def image_inputs(
     if processor is None:
         size = getattr(model.config, "image_size", 8)
         processor = data.build_image_processor(size)
-        logger.warning("%s has no image processor: resizing to %d×%d with mean and std 0.5 (the fine-tuning scripts' "
-                       "processor)", label, size, size)  # fmt: skip
+        logger.warning(
+            "%s has no image processor: resizing to %d×%d with mean and std 0.5 (the fine-tuning scripts' processor)",
+            label,
+            size,
+            size,
+        )
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     return {"pixel_values": pixel_values}, f"{pixel_values.shape[0]} images from {source}"

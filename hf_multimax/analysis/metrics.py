@@ -50,7 +50,9 @@ def _per_head(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(dims) / mask.sum(dims).clamp(min=1)
 
 
-def sparsity(weights: torch.Tensor, valid: torch.Tensor | None = None, threshold: float = SPARSITY_THRESHOLD) -> torch.Tensor:
+def sparsity(
+    weights: torch.Tensor, valid: torch.Tensor | None = None, threshold: float = SPARSITY_THRESHOLD
+) -> torch.Tensor:
     """Share of the valid weights below ``threshold``, per head: shape ``(heads,)``."""
     valid = _valid(weights, valid)
     return _per_head((weights < threshold).float(), valid)
@@ -86,7 +88,9 @@ def multimodality(weights: torch.Tensor, valid: torch.Tensor | None = None) -> t
     return _per_head(1.0 - (top[..., 0] - second), _rows(valid))
 
 
-def residual_mass(weights: torch.Tensor, valid: torch.Tensor | None = None, threshold: float = MODE_THRESHOLD) -> torch.Tensor:
+def residual_mass(
+    weights: torch.Tensor, valid: torch.Tensor | None = None, threshold: float = MODE_THRESHOLD
+) -> torch.Tensor:
     """Mean total weight on the valid entries at or below ``threshold`` per row, per head."""
     valid = _valid(weights, valid)
     mass = (weights.float() * ((weights <= threshold) & valid)).sum(dim=-1)

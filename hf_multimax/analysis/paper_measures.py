@@ -79,8 +79,10 @@ def _prepare(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores and weights in a float type of at least 32 bits, and the valid mask (non-finite scores never valid)."""
     if scores.dim() != 4 or scores.shape != weights.shape:
-        raise ValueError(f"scores and weights must both be (batch, heads, q, k), got {tuple(scores.shape)} and "
-                         f"{tuple(weights.shape)}")
+        raise ValueError(
+            f"scores and weights must both be (batch, heads, q, k), got {tuple(scores.shape)} and "
+            f"{tuple(weights.shape)}"
+        )
     dtype = torch.promote_types(weights.dtype, torch.float32)
     x = scores.to(dtype)
     p = weights.to(dtype)

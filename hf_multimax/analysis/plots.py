@@ -84,7 +84,9 @@ def modulator_curves(model: nn.Module, x: torch.Tensor | None = None) -> dict[st
     return curves
 
 
-def plot_modulators(model: nn.Module, path: str | Path, title: str | None = None, x: torch.Tensor | None = None) -> Path:
+def plot_modulators(
+    model: nn.Module, path: str | Path, title: str | None = None, x: torch.Tensor | None = None
+) -> Path:
     """Plot each layer's learned σ(x) against the identity (the paper's Figure 3), one panel per SegLU; write a PNG."""
     plt = pyplot()
     curves = modulator_curves(model, x)
@@ -99,12 +101,11 @@ def plot_modulators(model: nn.Module, path: str | Path, title: str | None = None
             ax.plot(grid, row, lw=1.2)
         ax.set_title(name.removesuffix(".multimax"), fontsize=7)
         ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(curves):]:
+    for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(title or "Learned MultiMax modulator σ(x) per layer", fontsize=9)
     return save_figure(fig, path)
-
 
 
 def _grid(n: int, cols: int = 4, size: tuple[float, float] = (3.2, 2.6)):
@@ -133,8 +134,13 @@ def plot_attention_histograms(analyses: Sequence[ModelAnalysis], path: str | Pat
             values = attention.weights[attention.valid].float().clamp(0, 1)
             counts = torch.histogram(values, bins=edges).hist
             share = counts / max(values.numel(), 1)
-            ax.stairs(share.numpy(), edges.numpy(), color=f"C{color}", lw=1.3,
-                      label=f"{analysis.label} ({analysis.layers[i]['sparsity']:.0%} < thr.)")
+            ax.stairs(
+                share.numpy(),
+                edges.numpy(),
+                color=f"C{color}",
+                lw=1.3,
+                label=f"{analysis.label} ({analysis.layers[i]['sparsity']:.0%} < thr.)",
+            )
         ax.set_yscale("log")
         ax.set_title(short_name(analyses[0].maps[min(i, len(analyses[0].maps) - 1)].name), fontsize=7)
         ax.set_xlabel("attention weight", fontsize=7)
@@ -147,16 +153,27 @@ def plot_attention_histograms(analyses: Sequence[ModelAnalysis], path: str | Pat
 
 def plot_layer_metrics(analyses: Sequence[ModelAnalysis], path: str | Path) -> Path:
     """Sparsity, exact zeros, modes per row, multi-modality, residual mass and entropy per layer, one line per model."""
-    metrics = [("sparsity", "share below threshold"), ("zeros", "share exactly zero"), ("modes", "weights > 0.1 per row"),
-               ("multimodality", "multi-modality 1-(p1-p2)"), ("residual_mass", "mass on small entries"),
-               ("entropy", "entropy (nats)")]
+    metrics = [
+        ("sparsity", "share below threshold"),
+        ("zeros", "share exactly zero"),
+        ("modes", "weights > 0.1 per row"),
+        ("multimodality", "multi-modality 1-(p1-p2)"),
+        ("residual_mass", "mass on small entries"),
+        ("entropy", "entropy (nats)"),
+    ]
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = _grid(len(metrics), cols=3)
     for ax, (key, title) in zip(axes, metrics):
         for color, analysis in enumerate(analyses):
-            ax.plot(range(len(analysis.layers)), [layer[key] for layer in analysis.layers], "o-", ms=3,
-                    color=f"C{color}", label=analysis.label)
+            ax.plot(
+                range(len(analysis.layers)),
+                [layer[key] for layer in analysis.layers],
+                "o-",
+                ms=3,
+                color=f"C{color}",
+                label=analysis.label,
+            )
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("attention layer", fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -173,8 +190,14 @@ def plot_token_similarity(analyses: Sequence[ModelAnalysis], path: str | Path) -
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for color, analysis in enumerate(analyses):
-        ax.plot(range(len(analysis.token_similarity)), analysis.token_similarity, "o-", ms=3, color=f"C{color}",
-                label=analysis.label)
+        ax.plot(
+            range(len(analysis.token_similarity)),
+            analysis.token_similarity,
+            "o-",
+            ms=3,
+            color=f"C{color}",
+            label=analysis.label,
+        )
     ax.set_xlabel("hidden state (0 = embeddings)", fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean cosine similarity of tokens", fontsize=8)
@@ -229,7 +252,12 @@ def _project(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p[..., 0] + p[..., 1] / 2, p[..., 1] * SQRT3_2
 
 
-MARKERS = {"SoftMax": ("s", "k"), "SparseMax": ("*", "tab:blue"), "EntMax-1.5": ("v", "tab:green"), "Ev-SoftMax": ("s", "c")}
+MARKERS = {
+    "SoftMax": ("s", "k"),
+    "SparseMax": ("*", "tab:blue"),
+    "EntMax-1.5": ("v", "tab:green"),
+    "Ev-SoftMax": ("s", "c"),
+}
 
 
 def plot_simplex(
@@ -247,26 +275,57 @@ def plot_simplex(
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     ax.plot([1, 0.5, 0, 1], [0, SQRT3_2, 0, 0], "k-", lw=0.8)
     for (vx, vy), text in (((1, 0), "(1, 0, 0)"), ((0.5, SQRT3_2), "(0, 1, 0)"), ((0, 0), "(0, 0, 1)")):
-        ax.annotate(text, (vx, vy), xytext=(0, 6 if vy > 0 else -8), textcoords="offset points", fontsize=8,
-                    ha="center", va="bottom" if vy > 0 else "top")
+        ax.annotate(
+            text,
+            (vx, vy),
+            xytext=(0, 6 if vy > 0 else -8),
+            textcoords="offset points",
+            fontsize=8,
+            ha="center",
+            va="bottom" if vy > 0 else "top",
+        )
     ts = torch.logspace(math.log10(temperatures[0]), math.log10(temperatures[1]), 300)
     cmap = plt.get_cmap("viridis")
     for i, point in enumerate(x):
         curve = torch.softmax(point[None] / ts[:, None], dim=-1)
         px, py = _project(curve)
-        ax.plot(px, py, "-", lw=0.9, color=cmap(i / max(len(x) - 1, 1)),
-                label=f"SoftMax, T {temperatures[0]:g}→{temperatures[1]:g}: x = {tuple(round(v, 2) for v in point.tolist())}")
+        ax.plot(
+            px,
+            py,
+            "-",
+            lw=0.9,
+            color=cmap(i / max(len(x) - 1, 1)),
+            label=f"SoftMax, T {temperatures[0]:g}→{temperatures[1]:g}: x = {tuple(round(v, 2) for v in point.tolist())}",
+        )
     with torch.no_grad():
         for name, function in simplex_functions().items():
             marker, color = MARKERS[name.split(" ")[0]]
             px, py = _project(function(x).float())
             hollow = name.startswith("SoftMax")  # drawn under Ev-SoftMax, which equals it where both are dense
-            ax.scatter(px, py, marker=marker, s=90 if hollow or marker == "*" else 40, label=name, zorder=3, alpha=0.85,
-                       facecolors="none" if hollow else color, edgecolors=color if hollow else "none")
+            ax.scatter(
+                px,
+                py,
+                marker=marker,
+                s=90 if hollow or marker == "*" else 40,
+                label=name,
+                zorder=3,
+                alpha=0.85,
+                facecolors="none" if hollow else color,
+                edgecolors=color if hollow else "none",
+            )
         for i, (label, sigma) in enumerate(modulators.items()):
             px, py = _project(torch.softmax(sigma(x), dim=-1).float())
-            ax.scatter(px, py, marker="^", s=60, color=f"C{(i + 6) % 10}", label=f"MultiMax ({label})", zorder=4,
-                       alpha=0.85, edgecolors="none")
+            ax.scatter(
+                px,
+                py,
+                marker="^",
+                s=60,
+                color=f"C{(i + 6) % 10}",
+                label=f"MultiMax ({label})",
+                zorder=4,
+                alpha=0.85,
+                edgecolors="none",
+            )
     ax.set_xlim(-0.1, 1.1)
     ax.set_ylim(-0.1, SQRT3_2 + 0.1)
     ax.set_aspect("equal")

@@ -75,17 +75,32 @@ def render_summary_md(summary: dict[str, Any]) -> str:
     ]
     for m in summary["models"]:
         last = m["token_similarity"][-1] if m["token_similarity"] else float("nan")
-        lines.append(f"| {m['label']} | {m['attn_implementation']} | "
-                     + " | ".join(_fmt(m["overall"][key]) for key, _ in METRIC_COLUMNS) + f" | {_fmt(last)} |")
+        lines.append(
+            f"| {m['label']} | {m['attn_implementation']} | "
+            + " | ".join(_fmt(m["overall"][key]) for key, _ in METRIC_COLUMNS)
+            + f" | {_fmt(last)} |"
+        )
     for m in summary["models"]:
-        lines += ["", f"## {m['label']}", "", f"`{m['path']}`: {m['architecture']}, attention `{m['attn_implementation']}`.", "",
-                  "| layer | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |",
-                  "|---|" + "---:|" * len(METRIC_COLUMNS)]
+        lines += [
+            "",
+            f"## {m['label']}",
+            "",
+            f"`{m['path']}`: {m['architecture']}, attention `{m['attn_implementation']}`.",
+            "",
+            "| layer | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |",
+            "|---|" + "---:|" * len(METRIC_COLUMNS),
+        ]
         for layer in m["layers"]:
-            lines.append(f"| {short_name(layer['name'])} | " + " | ".join(_fmt(layer[key]) for key, _ in METRIC_COLUMNS) + " |")
+            lines.append(
+                f"| {short_name(layer['name'])} | " + " | ".join(_fmt(layer[key]) for key, _ in METRIC_COLUMNS) + " |"
+            )
         if m["token_similarity"]:
-            lines += ["", "Token cosine similarity per hidden state (0 = embeddings): "
-                      + ", ".join(_fmt(v) for v in m["token_similarity"]) + "."]
+            lines += [
+                "",
+                "Token cosine similarity per hidden state (0 = embeddings): "
+                + ", ".join(_fmt(v) for v in m["token_similarity"])
+                + ".",
+            ]
         if m["modulators"]:
             lines += ["", "Learned MultiMax σ (ranges / slopes t):", ""]
             for name, p in m["modulators"].items():
@@ -94,7 +109,10 @@ def render_summary_md(summary: dict[str, Any]) -> str:
                 lines.append(f"- `{short_name(name)}`: ranges {ranges}, t {ts}")
         if m["entmax_alpha"]:
             lines += ["", "Learned α per head:", ""]
-            lines += [f"- `{short_name(name)}`: {json.dumps([round(a, 3) for a in alphas])}" for name, alphas in m["entmax_alpha"].items()]
+            lines += [
+                f"- `{short_name(name)}`: {json.dumps([round(a, 3) for a in alphas])}"
+                for name, alphas in m["entmax_alpha"].items()
+            ]
     lines += ["", "## Images", ""] + [f"- `{name}`: {what}" for name, what in summary["images"].items()]
     return "\n".join(lines) + "\n"
 
@@ -130,8 +148,10 @@ def analyze(
 
     names = _labels(model_dirs, labels)
     if attn_implementations and len(attn_implementations) not in (1, len(model_dirs)):
-        raise AnalysisInputError(f"give one --attn_implementation for all models or one per model, got "
-                                 f"{len(attn_implementations)} for {len(model_dirs)} models")  # fmt: skip
+        raise AnalysisInputError(
+            f"give one --attn_implementation for all models or one per model, got "
+            f"{len(attn_implementations)} for {len(model_dirs)} models"
+        )
     if num_samples < 1 or max_length < 1:
         raise AnalysisInputError(f"--num_samples and --max_length must be >= 1, got {num_samples} and {max_length}")
     for path in model_dirs:  # fail on a wrong path before any model is loaded or file written
@@ -140,7 +160,11 @@ def analyze(
         raise AnalysisInputError(f"--text_file {text_file} is not a file")
     if image_dir is not None and not Path(image_dir).is_dir():
         raise AnalysisInputError(f"--image_dir {image_dir} is not a folder")
-    if tokenizer is not None and (Path(tokenizer).is_absolute() or tokenizer.startswith(".")) and not Path(tokenizer).is_dir():
+    if (
+        tokenizer is not None
+        and (Path(tokenizer).is_absolute() or tokenizer.startswith("."))
+        and not Path(tokenizer).is_dir()
+    ):
         raise AnalysisInputError(f"--tokenizer {tokenizer} is not a folder (nor a Hub name like owner/name)")
     texts = _read_texts(text_file) if text_file is not None else None
 
@@ -152,8 +176,9 @@ def analyze(
         if kind == "vision":
             inputs, description = image_inputs(path, checkpoint, model, image_dir, num_samples, label=label)
         else:
-            inputs, description = text_inputs(path, checkpoint, model, kind, texts, num_samples, max_length,
-                                              tokenizer_name=tokenizer, label=label)  # fmt: skip
+            inputs, description = text_inputs(
+                path, checkpoint, model, kind, texts, num_samples, max_length, tokenizer_name=tokenizer, label=label
+            )
         descriptions.append(description)
         logger.info("Analysing %s (%s, %s)", path, type(model).__name__, model.config._attn_implementation)
         analyses.append(analyze_model(model, inputs, label, str(path), kind, sparsity_threshold, mode_threshold))
@@ -164,7 +189,9 @@ def analyze(
     figures.plot_attention_histograms(analyses, output_dir / "attention_histograms.png")
     images["attention_histograms.png"] = "attention-weight histograms per layer (paper Fig. 5)"
     figures.plot_layer_metrics(analyses, output_dir / "attention_metrics.png")
-    images["attention_metrics.png"] = "sparsity, exact zeros, modes, multi-modality, residual mass and entropy per layer"
+    images["attention_metrics.png"] = (
+        "sparsity, exact zeros, modes, multi-modality, residual mass and entropy per layer"
+    )
     for analysis in analyses:
         if analysis.modulators:
             name = f"modulators_{_safe(analysis.label)}.png"
@@ -176,9 +203,11 @@ def analyze(
         images["patch_similarity.png"] = "patch cosine similarity per layer, over-smoothing (paper Fig. 4)"
     modulators = {a.label: sigma for a in analyses if (sigma := figures.first_attention_modulator(a.model)) is not None}
     figures.plot_simplex(modulators, output_dir / "simplex.png")
-    images["simplex.png"] = ("SoftMax over temperatures, SparseMax, EntMax-1.5, Ev-SoftMax"
-                             + (" and each model's first-layer MultiMax" if modulators else "")
-                             + " on the inputs (10, x, -1), on the simplex (paper Fig. 1)")
+    images["simplex.png"] = (
+        "SoftMax over temperatures, SparseMax, EntMax-1.5, Ev-SoftMax"
+        + (" and each model's first-layer MultiMax" if modulators else "")
+        + " on the inputs (10, x, -1), on the simplex (paper Fig. 1)"
+    )
 
     summary = {
         "settings": {
@@ -201,4 +230,4 @@ def overview(summary: dict[str, Any]) -> str:
     text = render_summary_md(summary)
     start = text.index("## Overview")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None].rstrip()
+    return text[start : end if end != -1 else None].rstrip()

@@ -19,17 +19,31 @@ __all__ = ["main", "build_parser", "run_script", "COMMANDS", "USER_ERRORS"]
 
 #: command -> (one-line help, module that implements it).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("Print versions, the registered attention implementations and the MultiMax flags.", "hf_multimax.cli.info"),
-    "compare": ("Train the same tiny model with SoftMax, MultiMax and the paper's comparators over seeds, on embedded "
-                "data; mean ± 95%% CI, paired differences, plots.", "hf_multimax.cli.compare"),
-    "analyze": ("Analyse saved models' attention (sparsity, modes, entropy, over-smoothing, learned σ) and plot it.",
-                "hf_multimax.cli.analyze"),
+    "info": (
+        "Print versions, the registered attention implementations and the MultiMax flags.",
+        "hf_multimax.cli.info",
+    ),
+    "compare": (
+        "Train the same tiny model with SoftMax, MultiMax and the paper's comparators over seeds, on embedded "
+        "data; mean ± 95%% CI, paired differences, plots.",
+        "hf_multimax.cli.compare",
+    ),
+    "analyze": (
+        "Analyse saved models' attention (sparsity, modes, entropy, over-smoothing, learned σ) and plot it.",
+        "hf_multimax.cli.analyze",
+    ),
     "push": ("Push a saved MultiMax model or adapter folder to the Hub, with a model card.", "hf_multimax.cli.push"),
-}  # fmt: skip
+}
 #: Exceptions that mean "the user asked for something that cannot be done" (a bad flag value, a path that is not what
 #: it should be, a model that does not load): one line, exit code 2. Anything else is a bug and shows its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                                 PermissionError, OSError)  # fmt: skip
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    OSError,
+)
 
 
 def _requested_command(argv: Sequence[str]) -> str | None:
@@ -47,7 +61,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-multimax",
         description="MultiMax attention for Hugging Face Transformers (`import hf_multimax`, then "
-        "`from_pretrained(..., attn_implementation=\"multimax\")`). Run `hf-multimax COMMAND --help` for a command's "
+        '`from_pretrained(..., attn_implementation="multimax")`). Run `hf-multimax COMMAND --help` for a command\'s '
         "options.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level and show tracebacks of errors")
@@ -67,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hf-multimax`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.run(args)
     except USER_ERRORS as error:  # the library's errors for a user's mistake say what is wrong and how to fix it

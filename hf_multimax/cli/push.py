@@ -11,9 +11,13 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained (model or PEFT adapter)")
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained (model or PEFT adapter)"
+    )
     parser.add_argument("repo_id", metavar="REPO_ID", help="target repository, owner/name")
-    parser.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded; upload nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="write the folder that would be uploaded; upload nothing"
+    )
     parser.add_argument("--local-dir", help="where to write that folder (default outputs/hub/<owner>--<name>)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to push to (created if missing)")

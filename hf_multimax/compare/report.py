@@ -14,10 +14,19 @@ from ..finetune.tasks import get_task
 from .runner import attention_metric_name, write_results
 from .statistics import format_aligned, significant, summarize
 
-__all__ = ["ATTENTION_COLUMNS", "format_table", "format_attention_table", "plot_loss_curves", "plot_metrics", "write_report"]
+__all__ = [
+    "ATTENTION_COLUMNS",
+    "format_table",
+    "format_attention_table",
+    "plot_loss_curves",
+    "plot_metrics",
+    "write_report",
+]
 
 #: The attention statistics of every run: metric name in ``results.json`` -> column title.
-ATTENTION_COLUMNS: tuple[tuple[str, str], ...] = tuple((attention_metric_name(key), title) for key, title in METRIC_COLUMNS)
+ATTENTION_COLUMNS: tuple[tuple[str, str], ...] = tuple(
+    (attention_metric_name(key), title) for key, title in METRIC_COLUMNS
+)
 
 
 # -- tables ------------------------------------------------------------------------------------------------------------
@@ -28,7 +37,11 @@ def _columns(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     task = get_task(results["task"])
     names = {name for stats in results["summary"].values() for name in stats}
     arrow = "↑" if task.greater_is_better else "↓"
-    columns = [("train_loss", "final train loss ↓"), ("eval_loss", "eval loss ↓"), (task.metric, f"{task.metric} {arrow}")]
+    columns = [
+        ("train_loss", "final train loss ↓"),
+        ("eval_loss", "eval loss ↓"),
+        (task.metric, f"{task.metric} {arrow}"),
+    ]
     columns += [(name, f"{name} ↑") for name in task.extra_metrics]
     columns.append(("time_per_step", "time / step (s) ↓"))
     return [(name, header) for name, header in columns if name in names]
@@ -41,8 +54,9 @@ def _run_counts(results: Mapping[str, Any], implementation: str) -> tuple[int, i
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)] + \
-        ["| " + " | ".join(row) + " |" for row in rows]  # fmt: skip
+    return ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
 
 
 def _difference(stats: Mapping[str, Any]) -> str:
@@ -65,18 +79,25 @@ def _tables(results: Mapping[str, Any], columns: Sequence[tuple[str, str]], what
         if ok == 0:
             rows.append([implementation, count, f"failed: {errors[0].split(': ', 1)[1]}"] + [""] * (len(columns) - 1))
             continue
-        rows.append([implementation, count] + [format_aligned(stats[name]) if name in stats else "n/a"
-                                                 for name, _ in columns])  # fmt: skip
+        rows.append(
+            [implementation, count] + [format_aligned(stats[name]) if name in stats else "n/a" for name, _ in columns]
+        )
     lines = [f"{what}: mean ± 95% CI half-width over seeds (Student t)", ""]
     lines += _table(["attention", "seeds", *(header for _, header in columns)], rows)
     if versus:
-        lines += ["", f"{what}, paired difference against {baseline} on the same seed (implementation − {baseline}): "
-                  "mean ± 95% CI half-width (two-sided paired t-test p); **bold**: the interval excludes 0", ""]
+        lines += [
+            "",
+            f"{what}, paired difference against {baseline} on the same seed (implementation − {baseline}): "
+            "mean ± 95% CI half-width (two-sided paired t-test p); **bold**: the interval excludes 0",
+            "",
+        ]
         diff_rows = []
         for implementation, diffs in versus.items():
             pairs = max((d.get("n", 0) for d in diffs.values()), default=0)
-            diff_rows.append([implementation, str(pairs)] + [_difference(diffs[name]) if name in diffs else "n/a"
-                                                             for name, _ in columns])  # fmt: skip
+            diff_rows.append(
+                [implementation, str(pairs)]
+                + [_difference(diffs[name]) if name in diffs else "n/a" for name, _ in columns]
+            )
         lines += _table(["attention", "pairs", *(f"Δ {header}" for _, header in columns)], diff_rows)
     if failures:
         lines += ["", "Failed runs: " + "; ".join(failures)]
@@ -100,8 +121,9 @@ def format_attention_table(results: Mapping[str, Any]) -> str:
 # -- figures -----------------------------------------------------------------------------------------------------------
 
 
-def _smoothed(losses: Sequence[Sequence[float]], weight: float = 0.9,
-              period: int | None = None) -> tuple[list[float], list[float]]:
+def _smoothed(
+    losses: Sequence[Sequence[float]], weight: float = 0.9, period: int | None = None
+) -> tuple[list[float], list[float]]:
     """Steps and the smoothed losses of one run: exponentially, or, when the batches repeat their lengths every
     ``period`` steps (``--group_by_length``), the mean of the last ``period`` losses, which removes that sawtooth."""
     steps = [step for step, _ in losses]
@@ -126,21 +148,36 @@ def plot_loss_curves(results: Mapping[str, Any], path: str | Path, title: str | 
 
     bands = []
     for implementation in results["implementations"]:
-        curves = [_smoothed(run["losses"], period=run.get("loss_period")) for run in results["runs"]
-                  if run["implementation"] == implementation and not run.get("error") and run.get("losses")]
+        curves = [
+            _smoothed(run["losses"], period=run.get("loss_period"))
+            for run in results["runs"]
+            if run["implementation"] == implementation and not run.get("error") and run.get("losses")
+        ]
         if not curves:
             continue
         length = min(len(values) for _, values in curves)
         steps = curves[0][0][:length]
         stats = [summarize([values[i] for _, values in curves]) for i in range(length)]
-        final = summarize([run["train_loss"] for run in results["runs"]
-                           if run["implementation"] == implementation and not run.get("error")])  # fmt: skip
-        bands.append(Band(steps, [s["mean"] for s in stats], [s["ci95"][0] for s in stats],
-                          [s["ci95"][1] for s in stats],
-                          f"{implementation} (final {format_aligned(final)}, {len(curves)} seed{'s' * (len(curves) > 1)})"))
+        final = summarize(
+            [
+                run["train_loss"]
+                for run in results["runs"]
+                if run["implementation"] == implementation and not run.get("error")
+            ]
+        )
+        bands.append(
+            Band(
+                steps,
+                [s["mean"] for s in stats],
+                [s["ci95"][0] for s in stats],
+                [s["ci95"][1] for s in stats],
+                f"{implementation} (final {format_aligned(final)}, {len(curves)} seed{'s' * (len(curves) > 1)})",
+            )
+        )
     what = "mean over seeds and 95% band" if any("seeds" in band.label for band in bands) else "one seed"
-    return plot_bands(bands, path, title or f"{results['task']}: training loss, {what}", "optimizer step",
-                      "training loss (smoothed)")  # fmt: skip
+    return plot_bands(
+        bands, path, title or f"{results['task']}: training loss, {what}", "optimizer step", "training loss (smoothed)"
+    )
 
 
 def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
@@ -149,27 +186,48 @@ def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
     from ..analysis.plots import IntervalPanel, plot_intervals
 
     summary, versus, baseline = results["summary"], results["versus_baseline"], results["baseline"]
-    names = [name for name, _ in _columns(results)] + [name for name, _ in ATTENTION_COLUMNS
-                                                       if any(name in s for s in summary.values())]  # fmt: skip
+    names = [name for name, _ in _columns(results)] + [
+        name for name, _ in ATTENTION_COLUMNS if any(name in s for s in summary.values())
+    ]
     titles = dict(_columns(results)) | dict(ATTENTION_COLUMNS)
     colors = {implementation: f"C{i}" for i, implementation in enumerate(results["implementations"])}
     panels = []
     for name in names:
         labels = [impl for impl in summary if name in summary[impl]]
         stats = [summary[impl][name] for impl in labels]
-        panels.append(IntervalPanel(titles[name], labels, [_float(s["mean"]) for s in stats],
-                                    [_float(s["ci95"][0]) for s in stats], [_float(s["ci95"][1]) for s in stats],
-                                    colors=colors))  # fmt: skip
+        panels.append(
+            IntervalPanel(
+                titles[name],
+                labels,
+                [_float(s["mean"]) for s in stats],
+                [_float(s["ci95"][0]) for s in stats],
+                [_float(s["ci95"][1]) for s in stats],
+                colors=colors,
+            )
+        )
         if versus:
             labels = [impl for impl in versus if name in versus[impl]]
             diffs = [versus[impl][name] for impl in labels]
-            panels.append(IntervalPanel(f"Δ {titles[name]} vs {baseline}", labels,
-                                        [_float(d["mean_difference"]) for d in diffs],
-                                        [_float(d["ci95"][0]) for d in diffs], [_float(d["ci95"][1]) for d in diffs],
-                                        zero_line=True, filled=[significant(d) for d in diffs], colors=colors))
+            panels.append(
+                IntervalPanel(
+                    f"Δ {titles[name]} vs {baseline}",
+                    labels,
+                    [_float(d["mean_difference"]) for d in diffs],
+                    [_float(d["ci95"][0]) for d in diffs],
+                    [_float(d["ci95"][1]) for d in diffs],
+                    zero_line=True,
+                    filled=[significant(d) for d in diffs],
+                    colors=colors,
+                )
+            )
     cols = 4
-    return plot_intervals(panels, path, f"{results['task']}: mean and 95% CI over seeds"
-                          + (f"; to the right of each: its paired difference vs {baseline}" if versus else ""), cols=cols)
+    return plot_intervals(
+        panels,
+        path,
+        f"{results['task']}: mean and 95% CI over seeds"
+        + (f"; to the right of each: its paired difference vs {baseline}" if versus else ""),
+        cols=cols,
+    )
 
 
 def _float(value: Any) -> float:
@@ -187,12 +245,18 @@ def write_report(output_dir: str | Path, results: Mapping[str, Any]) -> tuple[st
     if results["summary"]:
         files["loss_curves.png"] = plot_loss_curves(results, output_dir / "loss_curves.png")
         files["metrics.png"] = plot_metrics(results, output_dir / "metrics.png")
-    tables = "\n\n".join(t for t in (format_table(results), format_attention_table(results)) if t) \
-        if results["summary"] else "no run finished"  # fmt: skip
+    tables = (
+        "\n\n".join(t for t in (format_table(results), format_attention_table(results)) if t)
+        if results["summary"]
+        else "no run finished"
+    )
     settings, machine = results["settings"], results["machine"]
     load = machine.get("load_average") or {}
-    load_text = (f", 1-minute load average {load['before']:.1f} before and {load['after']:.1f} after"
-                 if load.get("before") is not None and load.get("after") is not None else "")  # fmt: skip
+    load_text = (
+        f", 1-minute load average {load['before']:.1f} before and {load['after']:.1f} after"
+        if load.get("before") is not None and load.get("after") is not None
+        else ""
+    )
     multimax = ", ".join(f"{k} {v}" for k, v in settings["multimax"].items()) or "package defaults"
     markdown = [
         f"# hf-multimax compare: {results['task']}",
@@ -210,11 +274,15 @@ def write_report(output_dir: str | Path, results: Mapping[str, Any]) -> tuple[st
         "",
         tables,
         "",
-    ]  # fmt: skip
+    ]
     if "loss_curves.png" in files:
         markdown += ["![training loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
-    markdown += ["Models: `" + "`, `".join(sorted({str(Path(run["output_dir"]).parent) for run in results["runs"]}))
-                 + "` (one `seed_N` folder per seed)", ""]  # fmt: skip
+    markdown += [
+        "Models: `"
+        + "`, `".join(sorted({str(Path(run["output_dir"]).parent) for run in results["runs"]}))
+        + "` (one `seed_N` folder per seed)",
+        "",
+    ]
     (output_dir / "results.md").write_text("\n".join(markdown))
     files["results.md"] = output_dir / "results.md"
     return tables, files

@@ -58,9 +58,16 @@ __all__ = [
 _FROM_SCRATCH = {"multimax_init": "paper", "multimax_learning_rate": 0.03}
 COMPARE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"max_train_steps": 1000, "script": {"validation_split_percentage": 10}, "multimax": dict(_FROM_SCRATCH)},
-    "translation": {"max_train_steps": 1000, "multimax": dict(_FROM_SCRATCH),
-                    "script": {"vocab_size": 1000, "per_device_train_batch_size": 64, "group_by_length": True,
-                               "max_eval_samples": 400}},
+    "translation": {
+        "max_train_steps": 1000,
+        "multimax": dict(_FROM_SCRATCH),
+        "script": {
+            "vocab_size": 1000,
+            "per_device_train_batch_size": 64,
+            "group_by_length": True,
+            "max_eval_samples": 400,
+        },
+    },
     "vit": {"max_train_steps": 300, "script": {"validation_split_percentage": 20}, "multimax": dict(_FROM_SCRATCH)},
 }
 #: Settings that shape only the MultiMax runs: the ``multimax_*`` flags and the MultiMax learning rate.
@@ -68,8 +75,10 @@ MULTIMAX_ONLY = (*FLAG_DEFAULTS, "multimax_learning_rate")
 #: Fine-tuning flags that compare sets for every run itself, and what to use instead of passing them in
 #: ``--script_args`` (where they would be overridden, or would reach the baseline runs too).
 COMPARE_OWNED: dict[str, str] = {
-    "max_train_steps": "compare's --max_train_steps", "seed": "--seeds or --seed_list",
-    "output_dir": "compare's --output_dir", "attn_implementation": "--implementations",
+    "max_train_steps": "compare's --max_train_steps",
+    "seed": "--seeds or --seed_list",
+    "output_dir": "compare's --output_dir",
+    "attn_implementation": "--implementations",
     "eval_strategy": "nothing (compare evaluates at the end)",
     **{name: f"compare's --{name} (it applies to the MultiMax runs only)" for name in MULTIMAX_ONLY},
 }
@@ -158,8 +167,10 @@ def _given_flags(task: Task, argv: Sequence[str]) -> set[str]:
     try:
         return set(vars(parser.parse_args(list(argv))))
     except SystemExit:  # argparse has printed what is wrong with the flags
-        raise ValueError(f"--script_args {' '.join(argv)!r} are not flags of the {task.name} fine-tuning script "
-                         "(see the message above)") from None  # fmt: skip
+        raise ValueError(
+            f"--script_args {' '.join(argv)!r} are not flags of the {task.name} fine-tuning script "
+            "(see the message above)"
+        ) from None
 
 
 def settings_of(
@@ -180,16 +191,24 @@ def settings_of(
     given = _given_flags(task, script_argv)
     owned = sorted(given & set(COMPARE_OWNED))
     if owned:
-        raise ValueError(f"--script_args sets {', '.join('--' + name for name in owned)}, which compare sets for each "
-                         f"run; use {', '.join(COMPARE_OWNED[name] for name in owned)} instead")
+        raise ValueError(
+            f"--script_args sets {', '.join('--' + name for name in owned)}, which compare sets for each "
+            f"run; use {', '.join(COMPARE_OWNED[name] for name in owned)} instead"
+        )
     script = {name: value for name, value in defaults["script"].items() if name not in given}
     multimax = dict(defaults["multimax"])
     multimax.update({name: value for name, value in (multimax_settings or {}).items() if value is not None})
     unknown = sorted(set(multimax) - set(MULTIMAX_ONLY))
     if unknown:
         raise ValueError(f"not a MultiMax-only setting: {unknown}; expected some of {list(MULTIMAX_ONLY)}")
-    return {"task": task.name, "max_train_steps": steps, "script": script, "multimax": multimax,
-            "script_args": list(script_argv), "analysis": analysis}  # fmt: skip
+    return {
+        "task": task.name,
+        "max_train_steps": steps,
+        "script": script,
+        "multimax": multimax,
+        "script_args": list(script_argv),
+        "analysis": analysis,
+    }
 
 
 def plan_runs(
@@ -202,9 +221,14 @@ def plan_runs(
     specs = []
     for seed in seeds:
         for implementation in implementations:
-            values: dict[str, Any] = dict(settings["script"], attn_implementation=implementation, seed=seed,
-                                          output_dir=str(run_dir(output_dir, implementation, seed)),
-                                          max_train_steps=settings["max_train_steps"], eval_strategy="end")  # fmt: skip
+            values: dict[str, Any] = dict(
+                settings["script"],
+                attn_implementation=implementation,
+                seed=seed,
+                output_dir=str(run_dir(output_dir, implementation, seed)),
+                max_train_steps=settings["max_train_steps"],
+                eval_strategy="end",
+            )
             if uses_multimax(implementation):
                 values.update(settings["multimax"])
             specs.append(RunSpec(implementation, seed, make_args(task, settings["script_args"], **values)))
@@ -260,15 +284,17 @@ def _record(spec: RunSpec, result: Mapping[str, Any] | None, seconds: float, err
     """The ``results.json`` record of one run (see the README's description of the file)."""
     record: dict[str, Any] = {"implementation": spec.implementation, "seed": spec.seed}
     result = result or {}
-    record.update({
-        "train_loss": result.get("train_loss", math.nan),
-        "metrics": dict(result.get("metrics") or {}),
-        "time_per_step": result.get("time_per_step", math.nan),
-        "steps": result.get("steps", 0),
-        "seconds": seconds,
-        "output_dir": spec.args.output_dir,
-        "losses": [list(pair) for pair in result.get("losses") or ()],
-    })  # fmt: skip
+    record.update(
+        {
+            "train_loss": result.get("train_loss", math.nan),
+            "metrics": dict(result.get("metrics") or {}),
+            "time_per_step": result.get("time_per_step", math.nan),
+            "steps": result.get("steps", 0),
+            "seconds": seconds,
+            "output_dir": spec.args.output_dir,
+            "losses": [list(pair) for pair in result.get("losses") or ()],
+        }
+    )
     if result.get("loss_period"):
         record["loss_period"] = result["loss_period"]
     if error is not None:
@@ -283,8 +309,14 @@ def train_one(task: Task, spec: RunSpec, analysis: bool = True) -> dict[str, Any
     try:
         result = run(task, spec.args)
     except Exception as error:  # one implementation failing must not stop the others
-        logger.error("compare: %s seed %d failed: %s: %s", spec.implementation, spec.seed, type(error).__name__, error,
-                     exc_info=True)  # fmt: skip
+        logger.error(
+            "compare: %s seed %d failed: %s: %s",
+            spec.implementation,
+            spec.seed,
+            type(error).__name__,
+            error,
+            exc_info=True,
+        )
         return _record(spec, None, time.perf_counter() - started, f"{type(error).__name__}: {error}")
     failure = training_failure(result)
     record = _record(spec, result, 0.0, failure)
@@ -294,8 +326,12 @@ def train_one(task: Task, spec: RunSpec, analysis: bool = True) -> dict[str, Any
         try:
             record["metrics"].update(attention_statistics(task, spec.args.output_dir))
         except Exception as error:  # the run itself is fine: keep it, say why its attention is not measured
-            logger.warning("compare: could not analyse the attention of %s: %s: %s", spec.args.output_dir,
-                           type(error).__name__, error)  # fmt: skip
+            logger.warning(
+                "compare: could not analyse the attention of %s: %s: %s",
+                spec.args.output_dir,
+                type(error).__name__,
+                error,
+            )
             record["analysis_error"] = f"{type(error).__name__}: {error}"
     record["seconds"] = time.perf_counter() - started
     return record
@@ -337,8 +373,10 @@ def resumable_runs(previous: Mapping[str, Any] | None, settings: Mapping[str, An
     changed = sorted(key for key in settings if jsonable(before.get(key)) != jsonable(settings[key]))
     if changed:
         details = "; ".join(f"{key}: {before.get(key)!r} then, {settings[key]!r} now" for key in changed)
-        raise ValueError(f"--resume: the runs in this --output_dir were made with other settings ({details}); use "
-                         "the same settings or another --output_dir")  # fmt: skip
+        raise ValueError(
+            f"--resume: the runs in this --output_dir were made with other settings ({details}); use "
+            "the same settings or another --output_dir"
+        )
     kept = []
     for entry in previous.get("runs") or ():
         if entry.get("error") or not (Path(entry.get("output_dir") or "") / "config.json").is_file():
@@ -368,12 +406,21 @@ def machine_description() -> dict[str, Any]:
         pass
     import transformers
 
-    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def build_results(
-    state: Mapping[str, Any], *, seconds: float | None = None, machine: Mapping[str, Any] | None = None,
+    state: Mapping[str, Any],
+    *,
+    seconds: float | None = None,
+    machine: Mapping[str, Any] | None = None,
     command_line: str = "",
 ) -> dict[str, Any]:
     """The content of ``results.json``: the runs of :func:`.runner.compare`'s ``state`` and their statistics, the
@@ -445,8 +492,9 @@ def compare(
     done = {(entry["implementation"], entry["seed"]) for entry in kept}
     todo = [spec for spec in specs if spec.key not in done]
     if not resume and read_results(output_dir) is not None:
-        logger.warning("compare: %s already holds results; training afresh (--resume continues them instead)",
-                       output_dir)  # fmt: skip
+        logger.warning(
+            "compare: %s already holds results; training afresh (--resume continues them instead)", output_dir
+        )
     state: dict[str, Any] = {"settings": settings, "implementations": implementations, "seeds": seeds, "runs": kept}
     if kept:
         logger.info("compare: resuming, %d of %d runs already done", len(specs) - len(todo), len(specs))

@@ -34,8 +34,15 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["CONFIDENCE", "summarize", "paired_difference", "build_summary", "format_mean_ci", "format_aligned",
-           "significant"]
+__all__ = [
+    "CONFIDENCE",
+    "summarize",
+    "paired_difference",
+    "build_summary",
+    "format_mean_ci",
+    "format_aligned",
+    "significant",
+]
 
 #: Confidence level of every interval here.
 CONFIDENCE = 0.95
@@ -91,8 +98,9 @@ def paired_difference(candidate: Sequence[float | None], baseline: Sequence[floa
         ValueError: when the two sequences differ in length (they must be aligned by seed).
     """
     if len(candidate) != len(baseline):
-        raise ValueError(f"candidate and baseline must be aligned by seed, got {len(candidate)} and {len(baseline)} "
-                         "values")
+        raise ValueError(
+            f"candidate and baseline must be aligned by seed, got {len(candidate)} and {len(baseline)} values"
+        )
     c = np.array([_as_float(v) for v in candidate], dtype=float)
     b = np.array([_as_float(v) for v in baseline], dtype=float)
     both = ~(np.isnan(c) | np.isnan(b))
@@ -152,15 +160,17 @@ def build_summary(runs: list[dict[str, Any]], baseline: str) -> tuple[dict[str, 
         runs_of = by_impl[impl]
         return [_run_value(runs_of[s], name) if s in runs_of else _NAN for s in seeds]
 
-    summary = {impl: {name: summarize(values(impl, list(seeds), name)) for name in names}
-               for impl, seeds in by_impl.items()}
+    summary = {
+        impl: {name: summarize(values(impl, list(seeds), name)) for name in names} for impl, seeds in by_impl.items()
+    }
     versus: dict[str, Any] = {}
     for impl, seeds in by_impl.items():
         if impl == baseline:
             continue
         shared = [s for s in seeds if s in by_impl[baseline]]
-        versus[impl] = {name: paired_difference(values(impl, shared, name), values(baseline, shared, name))
-                        for name in names}
+        versus[impl] = {
+            name: paired_difference(values(impl, shared, name), values(baseline, shared, name)) for name in names
+        }
     return summary, versus
 
 

@@ -51,8 +51,20 @@ DATA_DIR = Path(__file__).resolve().parent
 TRANSLATION_FILE = DATA_DIR / "en_de.tsv"
 #: The origins of the pairs in ``en_de.tsv`` (its ``source`` column), in the priority order of ``regenerate.py``;
 #: ``NOTICE.md`` says where each comes from and ``licenses/<source>/`` holds its licence texts.
-TRANSLATION_SOURCES = ("django", "sphinx", "cldr", "wagtail", "oscar", "djangocms", "allauth", "horizon", "indico",
-                       "superset", "kolibri", "jupyterlab")
+TRANSLATION_SOURCES = (
+    "django",
+    "sphinx",
+    "cldr",
+    "wagtail",
+    "oscar",
+    "djangocms",
+    "allauth",
+    "horizon",
+    "indico",
+    "superset",
+    "kolibri",
+    "jupyterlab",
+)
 #: Special tokens of every tokenizer built here, in id order (pad = 0 matches T5's decoder start convention).
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
 _RULE = re.compile(r"^\s*([*=~^-])\1{2,}\s*$")  # reST heading underlines: "*****", "====="
@@ -60,7 +72,10 @@ _RULE = re.compile(r"^\s*([*=~^-])\1{2,}\s*$")  # reST heading underlines: "****
 
 def cache_dir() -> Path:
     """Where built tokenizers are cached: ``$HF_MULTIMAX_CACHE`` or ``~/.cache/hf_multimax``."""
-    root = os.environ.get("HF_MULTIMAX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_multimax"
+    root = (
+        os.environ.get("HF_MULTIMAX_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_multimax"
+    )
     return Path(root)
 
 

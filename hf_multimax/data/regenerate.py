@@ -149,20 +149,37 @@ def sources(wheels: dict[str, Path]) -> list[Source]:
     return [
         Source("django", "django==5.2.19", "BSD-3-Clause", po_files("django/*locale/de/LC_MESSAGES/django.po")),
         Source("sphinx", "sphinx==9.0.4", "BSD-2-Clause", po_files("sphinx/locale/de/LC_MESSAGES/sphinx.po")),
-        Source("cldr", "babel==2.18.0", "Unicode-3.0 (CLDR data), BSD-3-Clause (Babel)",
-               cldr_names(wheels.get("babel", Path())), ("babel/locale-data/LICENSE.unicode",)),
+        Source(
+            "cldr",
+            "babel==2.18.0",
+            "Unicode-3.0 (CLDR data), BSD-3-Clause (Babel)",
+            cldr_names(wheels.get("babel", Path())),
+            ("babel/locale-data/LICENSE.unicode",),
+        ),
         Source("wagtail", "wagtail==8.0.1", "BSD-3-Clause", po_files("wagtail/*locale/de/LC_MESSAGES/*.po")),
         Source("oscar", "django-oscar==4.2.1", "BSD-3-Clause", po_files("oscar/*locale/de/LC_MESSAGES/*.po")),
         Source("djangocms", "django-cms==5.1.3", "BSD-3-Clause", po_files("cms/*locale/de/LC_MESSAGES/*.po")),
         Source("allauth", "django-allauth==65.22.1", "MIT", po_files("allauth/*locale/de/LC_MESSAGES/*.po")),
-        Source("horizon", "horizon==27.0.0", "Apache-2.0",
-               po_files("horizon/locale/de/LC_MESSAGES/*.po", "openstack_dashboard/*locale/de/LC_MESSAGES/*.po")),
+        Source(
+            "horizon",
+            "horizon==27.0.0",
+            "Apache-2.0",
+            po_files("horizon/locale/de/LC_MESSAGES/*.po", "openstack_dashboard/*locale/de/LC_MESSAGES/*.po"),
+        ),
         Source("indico", "indico==3.2.9", "MIT", po_files("indico/translations/de_DE/LC_MESSAGES/*.po")),
-        Source("superset", "apache-superset==6.1.0", "Apache-2.0",
-               po_files("superset/translations/de/LC_MESSAGES/messages.po")),
+        Source(
+            "superset",
+            "apache-superset==6.1.0",
+            "Apache-2.0",
+            po_files("superset/translations/de/LC_MESSAGES/messages.po"),
+        ),
         Source("kolibri", "kolibri==0.19.5", "MIT", keyed_json_files("kolibri/locale")),
-        Source("jupyterlab", "jupyterlab-language-pack-de-DE==4.5.post3", "BSD-3-Clause",
-               jed_files("jupyterlab_language_pack_de_DE/locale/de_DE/LC_MESSAGES/*.json")),
+        Source(
+            "jupyterlab",
+            "jupyterlab-language-pack-de-DE==4.5.post3",
+            "BSD-3-Clause",
+            jed_files("jupyterlab_language_pack_de_DE/locale/de_DE/LC_MESSAGES/*.json"),
+        ),
     ]
 
 
@@ -180,23 +197,42 @@ def find_wheels(directory: Path) -> dict[str, Path]:
         name, version = source.package.replace("-", "_"), source.requirement.split("==")[1]
         matches = [w for w in directory.glob("*.whl") if w.name.lower().startswith(f"{name}-{version}-".lower())]
         if not matches:
-            raise SystemExit(f"no wheel of {source.requirement} in {directory}: pip download --no-deps "
-                             f"--only-binary=:all: -d {directory} '{source.requirement}'")
+            raise SystemExit(
+                f"no wheel of {source.requirement} in {directory}: pip download --no-deps "
+                f"--only-binary=:all: -d {directory} '{source.requirement}'"
+            )
         found[source.package] = matches[0]
     return found
 
 
 def download(directory: Path) -> None:
     requirements = [source.requirement for source in sources({})]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d",
-                    str(directory), *requirements], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            str(directory),
+            *requirements,
+        ],
+        check=True,
+    )
 
 
 def licence_files(wheel: zipfile.ZipFile, extra: tuple[str, ...] = ()) -> list[str]:
     """The licence and notice files in a wheel's own top-level ``.dist-info`` folder (not those of packages it
     vendors), plus the ``extra`` paths."""
-    own = [n for n in wheel.namelist() if n.split("/", 1)[0].endswith(".dist-info")
-           and re.match(r"(LICEN[CS]E|NOTICE|COPYING)", n.rsplit("/", 1)[-1], re.IGNORECASE)]
+    own = [
+        n
+        for n in wheel.namelist()
+        if n.split("/", 1)[0].endswith(".dist-info")
+        and re.match(r"(LICEN[CS]E|NOTICE|COPYING)", n.rsplit("/", 1)[-1], re.IGNORECASE)
+    ]
     return sorted(own) + list(extra)
 
 
@@ -219,10 +255,15 @@ def collect(wheels: dict[str, Path], licence_dir: Path | None = None) -> list[tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=HERE / "en_de.tsv", help="where to write the TSV")
-    parser.add_argument("--licenses", type=Path, default=HERE / "licenses",
-                        help="folder for the sources' licence files (replaced)")
-    parser.add_argument("--wheels", type=Path, default=None,
-                        help="folder holding the pinned wheels (default: download them to a temporary folder)")
+    parser.add_argument(
+        "--licenses", type=Path, default=HERE / "licenses", help="folder for the sources' licence files (replaced)"
+    )
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        default=None,
+        help="folder holding the pinned wheels (default: download them to a temporary folder)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.wheels or Path(scratch)

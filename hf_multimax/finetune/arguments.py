@@ -42,42 +42,82 @@ def _bool(value: str) -> bool:
 def add_model_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     """``--model_name_or_path`` / tiny config, ``--attn_implementation`` and the MultiMax flags."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model_name_or_path", default=None,
-                       help="local folder or Hub name of a pretrained model to fine-tune; default: train a tiny "
-                            "model from scratch (see --model_type, --config_overrides)")
-    group.add_argument("--model_type", default=task.default_model_type, choices=task.model_types,
-                       help="architecture of the from-scratch model (ignored with --model_name_or_path)")
-    group.add_argument("--config_overrides", default=None,
-                       help="comma-separated config fields for the from-scratch model, e.g. "
-                            "'hidden_size=128,num_hidden_layers=4'")
-    group.add_argument("--tokenizer_name", default=None,
-                       help="tokenizer to use (default: that of --model_name_or_path, or a BPE tokenizer trained "
-                            "locally on the training data)")
-    group.add_argument("--attn_implementation", default="multimax",
-                       help="attention implementation: multimax (default), multimax_eager (reference, returns "
-                            "weights), sdpa, eager, or any name registered with transformers.AttentionInterface")
+    group.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="local folder or Hub name of a pretrained model to fine-tune; default: train a tiny "
+        "model from scratch (see --model_type, --config_overrides)",
+    )
+    group.add_argument(
+        "--model_type",
+        default=task.default_model_type,
+        choices=task.model_types,
+        help="architecture of the from-scratch model (ignored with --model_name_or_path)",
+    )
+    group.add_argument(
+        "--config_overrides",
+        default=None,
+        help="comma-separated config fields for the from-scratch model, e.g. 'hidden_size=128,num_hidden_layers=4'",
+    )
+    group.add_argument(
+        "--tokenizer_name",
+        default=None,
+        help="tokenizer to use (default: that of --model_name_or_path, or a BPE tokenizer trained "
+        "locally on the training data)",
+    )
+    group.add_argument(
+        "--attn_implementation",
+        default="multimax",
+        help="attention implementation: multimax (default), multimax_eager (reference, returns "
+        "weights), sdpa, eager, or any name registered with transformers.AttentionInterface",
+    )
     mm = parser.add_argument_group("MultiMax flags (unset: the checkpoint's value, else the default)")
-    mm.add_argument("--multimax_order", type=int, default=None,
-                    help=f"order N of the SegLU modulator (2N ranges and slopes; default {FLAG_DEFAULTS['multimax_order']})")
-    mm.add_argument("--multimax_init", default=None, choices=INIT_METHODS,
-                    help="initialisation of new MultiMax parameters: identity (starts as SoftMax, for fine-tuning; "
-                         "default) or paper (trunc-normal std 0.02, as the authors train from scratch)")
-    mm.add_argument("--multimax_per_head", type=_bool, default=None, metavar="{true,false}",
-                    help="one parameter set per attention head instead of one per layer (default false)")
-    mm.add_argument("--multimax_output", type=_bool, default=None, metavar="{true,false}",
-                    help="also apply MultiMax's modulator to the output logits (default false)")
+    mm.add_argument(
+        "--multimax_order",
+        type=int,
+        default=None,
+        help=f"order N of the SegLU modulator (2N ranges and slopes; default {FLAG_DEFAULTS['multimax_order']})",
+    )
+    mm.add_argument(
+        "--multimax_init",
+        default=None,
+        choices=INIT_METHODS,
+        help="initialisation of new MultiMax parameters: identity (starts as SoftMax, for fine-tuning; "
+        "default) or paper (trunc-normal std 0.02, as the authors train from scratch)",
+    )
+    mm.add_argument(
+        "--multimax_per_head",
+        type=_bool,
+        default=None,
+        metavar="{true,false}",
+        help="one parameter set per attention head instead of one per layer (default false)",
+    )
+    mm.add_argument(
+        "--multimax_output",
+        type=_bool,
+        default=None,
+        metavar="{true,false}",
+        help="also apply MultiMax's modulator to the output logits (default false)",
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     group = parser.add_argument_group("data (default: the embedded offline data set of the task)")
     group.add_argument("--dataset_name", default=None, help="Hub data set name, passed to datasets.load_dataset")
     group.add_argument("--dataset_config_name", default=None, help="configuration of --dataset_name")
-    group.add_argument("--train_file", default=None,
-                       help="local training data: .csv/.tsv/.json/.jsonl/.txt (as the Transformers examples accept) "
-                            "or, for images, a folder of class sub-folders")
+    group.add_argument(
+        "--train_file",
+        default=None,
+        help="local training data: .csv/.tsv/.json/.jsonl/.txt (as the Transformers examples accept) "
+        "or, for images, a folder of class sub-folders",
+    )
     group.add_argument("--validation_file", default=None, help="local validation data in the format of --train_file")
-    group.add_argument("--validation_split_percentage", type=int, default=task.validation_split_percentage,
-                       help="percentage of the training data held out when there is no validation split")
+    group.add_argument(
+        "--validation_split_percentage",
+        type=int,
+        default=task.validation_split_percentage,
+        help="percentage of the training data held out when there is no validation split",
+    )
     group.add_argument("--max_train_samples", type=int, default=None, help="truncate the training set (debugging)")
     group.add_argument("--max_eval_samples", type=int, default=None, help="truncate the validation set")
 
@@ -87,83 +127,151 @@ def add_training_arguments(parser: argparse.ArgumentParser, task: "Task") -> Non
     scratch = task.scratch_defaults
     group.add_argument("--output_dir", default=None, help="where the model, tokenizer, results and checkpoints go")
     group.add_argument("--seed", type=int, default=42, help="random seed (model init, data order, splits)")
-    group.add_argument("--per_device_train_batch_size", type=int, default=None,
-                       help=f"training batch size per device (default {scratch.get('per_device_train_batch_size', 8)} "
-                            "from scratch, 8 for a pretrained model)")
+    group.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=None,
+        help=f"training batch size per device (default {scratch.get('per_device_train_batch_size', 8)} "
+        "from scratch, 8 for a pretrained model)",
+    )
     group.add_argument("--per_device_eval_batch_size", type=int, default=32, help="evaluation batch size per device")
     if task.text_inputs:
         grouped = "on" if scratch.get("group_by_length") else "off"
         lengths = group.add_mutually_exclusive_group()
-        lengths.add_argument("--group_by_length", action="store_const", const=True, default=None,
-                             help="batch examples of similar length together (as Trainer's group_by_length), so that "
-                                  "padding costs little; the order stays a function of --seed and the epoch "
-                                  f"(default {grouped} from scratch, off for a pretrained model)")
-        lengths.add_argument("--no_group_by_length", dest="group_by_length", action="store_const", const=False,
-                             help="random batches (the opposite of --group_by_length)")
-    group.add_argument("--learning_rate", type=float, default=None,
-                       help=f"peak learning rate of AdamW (default {scratch.get('learning_rate', 1e-3)} from scratch, "
-                            "5e-5 for a pretrained model)")
-    group.add_argument("--multimax_learning_rate", type=float, default=None,
-                       help="learning rate of the MultiMax parameters (default: --learning_rate)")
-    group.add_argument("--weight_decay", type=float, default=0.0,
-                       help="AdamW weight decay (never applied to MultiMax parameters, biases and norms)")
-    group.add_argument("--num_train_epochs", type=int, default=None,
-                       help=f"epochs (default {scratch.get('num_train_epochs', 3)}); --max_train_steps overrides")
+        lengths.add_argument(
+            "--group_by_length",
+            action="store_const",
+            const=True,
+            default=None,
+            help="batch examples of similar length together (as Trainer's group_by_length), so that "
+            "padding costs little; the order stays a function of --seed and the epoch "
+            f"(default {grouped} from scratch, off for a pretrained model)",
+        )
+        lengths.add_argument(
+            "--no_group_by_length",
+            dest="group_by_length",
+            action="store_const",
+            const=False,
+            help="random batches (the opposite of --group_by_length)",
+        )
+    group.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"peak learning rate of AdamW (default {scratch.get('learning_rate', 1e-3)} from scratch, "
+        "5e-5 for a pretrained model)",
+    )
+    group.add_argument(
+        "--multimax_learning_rate",
+        type=float,
+        default=None,
+        help="learning rate of the MultiMax parameters (default: --learning_rate)",
+    )
+    group.add_argument(
+        "--weight_decay",
+        type=float,
+        default=0.0,
+        help="AdamW weight decay (never applied to MultiMax parameters, biases and norms)",
+    )
+    group.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help=f"epochs (default {scratch.get('num_train_epochs', 3)}); --max_train_steps overrides",
+    )
     group.add_argument("--max_train_steps", type=int, default=None, help="total optimizer steps (overrides epochs)")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="micro-batches accumulated per optimizer step")
-    group.add_argument("--lr_scheduler_type", default="linear",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"], help="learning-rate schedule")
+    group.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="micro-batches accumulated per optimizer step"
+    )
+    group.add_argument(
+        "--lr_scheduler_type",
+        default="linear",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="learning-rate schedule",
+    )
     group.add_argument("--num_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
-    group.add_argument("--multimax_output_clip", default="separate", choices=OUTPUT_CLIP_MODES,
-                       help="how clipping treats output-layer MultiMax, whose gradient sums over the vocabulary: "
-                            "separate (its own group clipped to --max_grad_norm; default), scaled (one global norm in "
-                            "which it counts 1/sqrt(vocabulary size)) or global (plain global clipping)")
-    group.add_argument("--checkpointing_steps", default=None,
-                       help="save the training state every N steps (an integer) or at the end of every 'epoch'")
-    group.add_argument("--resume_from_checkpoint", default=None,
-                       help="a checkpoint folder (step_N or epoch_N) to resume from, or 'latest' for the newest one "
-                            "in --output_dir")
-    group.add_argument("--with_tracking", action="store_true",
-                       help="log losses and metrics to the experiment trackers of --report_to")
-    group.add_argument("--report_to", default="all",
-                       help="trackers for --with_tracking: all (every installed one), tensorboard, wandb, ...")
+    group.add_argument(
+        "--multimax_output_clip",
+        default="separate",
+        choices=OUTPUT_CLIP_MODES,
+        help="how clipping treats output-layer MultiMax, whose gradient sums over the vocabulary: "
+        "separate (its own group clipped to --max_grad_norm; default), scaled (one global norm in "
+        "which it counts 1/sqrt(vocabulary size)) or global (plain global clipping)",
+    )
+    group.add_argument(
+        "--checkpointing_steps",
+        default=None,
+        help="save the training state every N steps (an integer) or at the end of every 'epoch'",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint folder (step_N or epoch_N) to resume from, or 'latest' for the newest one in --output_dir",
+    )
+    group.add_argument(
+        "--with_tracking", action="store_true", help="log losses and metrics to the experiment trackers of --report_to"
+    )
+    group.add_argument(
+        "--report_to",
+        default="all",
+        help="trackers for --with_tracking: all (every installed one), tensorboard, wandb, ...",
+    )
     group.add_argument("--logging_steps", type=int, default=10, help="log the training loss every N steps")
-    group.add_argument("--eval_strategy", default="epoch", choices=["epoch", "end"],
-                       help="evaluate after every epoch (as the Transformers examples) or only at the end")
-    group.add_argument("--check_replicas", action="store_true",
-                       help="distributed runs: after every optimizer step, check that all processes hold identical "
-                            "MultiMax parameters and stop with an error naming the first that differs")
+    group.add_argument(
+        "--eval_strategy",
+        default="epoch",
+        choices=["epoch", "end"],
+        help="evaluate after every epoch (as the Transformers examples) or only at the end",
+    )
+    group.add_argument(
+        "--check_replicas",
+        action="store_true",
+        help="distributed runs: after every optimizer step, check that all processes hold identical "
+        "MultiMax parameters and stop with an error naming the first that differs",
+    )
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     group = parser.add_argument_group("LoRA (PEFT)")
-    group.add_argument("--lora", action="store_true",
-                       help="train LoRA adapters instead of the full model; MultiMax parameters are trained in full "
-                            "and saved with the adapter (modules_to_save)")
+    group.add_argument(
+        "--lora",
+        action="store_true",
+        help="train LoRA adapters instead of the full model; MultiMax parameters are trained in full "
+        "and saved with the adapter (modules_to_save)",
+    )
     group.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
     group.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling numerator (scale = alpha / r)")
     group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch")
-    group.add_argument("--lora_target_modules", default=None,
-                       help="comma-separated module names to adapt (default: PEFT's choice for the architecture, "
-                            "e.g. q_proj,v_proj for Llama)")
+    group.add_argument(
+        "--lora_target_modules",
+        default=None,
+        help="comma-separated module names to adapt (default: PEFT's choice for the architecture, "
+        "e.g. q_proj,v_proj for Llama)",
+    )
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     group = parser.add_argument_group("Hugging Face Hub")
-    group.add_argument("--push_to_hub", action="store_true",
-                       help="push the saved model with a model card (hf_multimax.hub.push_to_hub)")
+    group.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="push the saved model with a model card (hf_multimax.hub.push_to_hub)",
+    )
     group.add_argument("--hub_model_id", default=None, help="repository id (default: the name of --output_dir)")
     group.add_argument("--hub_token", default=None, help="token with write access (default: the stored login)")
     group.add_argument("--hub_private_repo", action="store_true", help="create the repository as private")
-    group.add_argument("--hub_dry_run", action="store_true",
-                       help="prepare the repository folder and model card without uploading")
+    group.add_argument(
+        "--hub_dry_run", action="store_true", help="prepare the repository folder and model card without uploading"
+    )
 
 
 ARGUMENT_GROUPS: tuple[Callable[[argparse.ArgumentParser, "Task"], None], ...] = (
-    add_model_arguments, add_data_arguments, add_training_arguments, add_lora_arguments, add_hub_arguments,
+    add_model_arguments,
+    add_data_arguments,
+    add_training_arguments,
+    add_lora_arguments,
+    add_hub_arguments,
 )
 
 
@@ -195,7 +303,9 @@ def resolve_defaults(task: "Task", args: argparse.Namespace) -> argparse.Namespa
         if not str(args.checkpointing_steps).isdigit():
             raise ValueError(f"--checkpointing_steps must be an integer or 'epoch', got {args.checkpointing_steps!r}")
         args.checkpointing_steps = int(args.checkpointing_steps)
-    if args.output_dir is None and (args.checkpointing_steps or args.resume_from_checkpoint == "latest" or args.push_to_hub):
+    if args.output_dir is None and (
+        args.checkpointing_steps or args.resume_from_checkpoint == "latest" or args.push_to_hub
+    ):
         raise ValueError("--checkpointing_steps, --resume_from_checkpoint latest and --push_to_hub need --output_dir")
     check_paths(args)
     return args
@@ -219,10 +329,10 @@ def check_paths(args: argparse.Namespace) -> None:
         folder = Path(value).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"--{flag} {value} is not a folder (nor a Hub name like owner/name)")
-        if flag == "model_name_or_path" and not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+        if flag == "model_name_or_path" and not any(
+            (folder / f).is_file() for f in ("config.json", "adapter_config.json")
+        ):
             raise ValueError(f"--model_name_or_path {value} is not a saved model: it has no config.json")
-
-
 
 
 def make_args(task: "Task", argv: Sequence[str] = (), **values: Any) -> argparse.Namespace:

@@ -68,8 +68,10 @@ def check_replicas(accelerator, model: nn.Module, result: TrainResult) -> None:
     result.replica_checks += 1
     result.replica_max_abs_diff = max(result.replica_max_abs_diff, diff)
     if diff > 0:
-        raise RuntimeError(f"after step {result.completed_steps} the processes disagree on {name} (largest "
-                           f"difference {diff:.3g}): its gradients were not synchronised across processes")
+        raise RuntimeError(
+            f"after step {result.completed_steps} the processes disagree on {name} (largest "
+            f"difference {diff:.3g}): its gradients were not synchronised across processes"
+        )
 
 
 class CheckpointError(RuntimeError):
@@ -100,8 +102,9 @@ def _completed_steps(path: Path, state: dict | None, steps_per_epoch: int) -> in
         return int(state["completed_steps"])
     match = CHECKPOINT_NAME.match(path.name)
     if match is None:
-        raise CheckpointError(f"{path} has no {STATE_FILE} and its name is not step_N or epoch_N, so the step it "
-                              "was saved at is unknown")  # fmt: skip
+        raise CheckpointError(
+            f"{path} has no {STATE_FILE} and its name is not step_N or epoch_N, so the step it was saved at is unknown"
+        )
     kind, number = match.groups()
     return int(number) * (steps_per_epoch if kind == "epoch" else 1)
 
@@ -116,7 +119,9 @@ def find_checkpoint(args: argparse.Namespace, steps_per_epoch: int = 1) -> tuple
             raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a folder")
         return path, _read_state(path)
     folder = Path(args.output_dir)
-    candidates = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)] if folder.is_dir() else []
+    candidates = (
+        [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)] if folder.is_dir() else []
+    )
     complete, skipped = [], []
     for path in candidates:
         try:
@@ -128,8 +133,12 @@ def find_checkpoint(args: argparse.Namespace, steps_per_epoch: int = 1) -> tuple
         found = f"; incomplete: {', '.join(skipped)}" if skipped else ""
         raise FileNotFoundError(f"no complete step_N or epoch_N checkpoint in {args.output_dir} to resume from{found}")
     steps, path, state = max(complete, key=lambda entry: (entry[0], entry[1].name))
-    logger.info("Resuming from %s, the newest complete checkpoint (step %d)%s", path, steps,
-                f"; skipped incomplete {', '.join(skipped)}" if skipped else "")  # fmt: skip
+    logger.info(
+        "Resuming from %s, the newest complete checkpoint (step %d)%s",
+        path,
+        steps,
+        f"; skipped incomplete {', '.join(skipped)}" if skipped else "",
+    )
     return path, state
 
 
@@ -195,8 +204,9 @@ def train(
         try:
             accelerator.load_state(str(path))
         except Exception as error:  # a truncated or foreign folder: name it instead of Accelerate's traceback
-            raise CheckpointError(f"{path} could not be loaded as an Accelerate checkpoint ({type(error).__name__}: "
-                                  f"{error})") from error  # fmt: skip
+            raise CheckpointError(
+                f"{path} could not be loaded as an Accelerate checkpoint ({type(error).__name__}: {error})"
+            ) from error
         starting_epoch = result.completed_steps // steps_per_epoch
         skip_batches = (result.completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -204,12 +214,17 @@ def train(
     logger.info("***** Running training *****")
     logger.info("  Num examples = %d", len(train_dataloader.dataset))
     logger.info("  Num epochs = %d, total optimization steps = %d", num_epochs, args.max_train_steps)
-    logger.info("  Batch size per device = %d, total (parallel, distributed, accumulated) = %d",
-                args.per_device_train_batch_size, total_batch)
+    logger.info(
+        "  Batch size per device = %d, total (parallel, distributed, accumulated) = %d",
+        args.per_device_train_batch_size,
+        total_batch,
+    )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed and args.max_grad_norm:
-        logger.warning("DeepSpeed clips gradients itself (its `gradient_clipping` setting, one global norm): "
-                       "--max_grad_norm and --multimax_output_clip do not apply")
+        logger.warning(
+            "DeepSpeed clips gradients itself (its `gradient_clipping` setting, one global norm): "
+            "--max_grad_norm and --multimax_output_clip do not apply"
+        )
     progress = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process, desc="Training")
     progress.update(result.completed_steps)
 
@@ -231,8 +246,9 @@ def train(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm and not deepspeed:
                     accelerator.unscale_gradients()
-                    clip_grad_norm_(model, args.max_grad_norm,
-                                    output_clip=getattr(args, "multimax_output_clip", "separate"))
+                    clip_grad_norm_(
+                        model, args.max_grad_norm, output_clip=getattr(args, "multimax_output_clip", "separate")
+                    )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -247,7 +263,9 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.3f}")
             if args.with_tracking and result.completed_steps % args.logging_steps == 0:
-                accelerator.log({"train_loss": mean_loss, "lr": scheduler.get_last_lr()[0]}, step=result.completed_steps)
+                accelerator.log(
+                    {"train_loss": mean_loss, "lr": scheduler.get_last_lr()[0]}, step=result.completed_steps
+                )
             if isinstance(args.checkpointing_steps, int) and result.completed_steps % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, f"step_{result.completed_steps}", result)
             step_loss, micro_batches, started = 0.0, 0, time.perf_counter()
@@ -267,4 +285,3 @@ def train(
             break
     progress.close()
     return result
-

@@ -48,8 +48,11 @@ def setup_logging(accelerator) -> None:
     import datasets
     import transformers
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if accelerator.is_main_process else logging.ERROR,
+    )
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
@@ -120,8 +123,12 @@ def build_model(task: Task, args: argparse.Namespace, preprocessor: Any, raw) ->
     implementation = args.attn_implementation
     flags = multimax_flags(args)
     if args.model_name_or_path:
-        model = auto_class.from_pretrained(args.model_name_or_path, attn_implementation=implementation, **flags,
-                                           **task.pretrained_kwargs(args, preprocessor, raw))
+        model = auto_class.from_pretrained(
+            args.model_name_or_path,
+            attn_implementation=implementation,
+            **flags,
+            **task.pretrained_kwargs(args, preprocessor, raw),
+        )
     else:
         config = tiny_config(task, args, preprocessor, raw)
         for name, value in flags.items():
@@ -191,8 +198,12 @@ def save_model(accelerator, model: nn.Module, preprocessor: Any, args: argparse.
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)  # gathered from the shards under FSDP / ZeRO-3 (all processes)
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              state_dict=state_dict)
+    unwrapped.save_pretrained(
+        args.output_dir,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=state_dict,
+    )
     if accelerator.is_main_process:
         if preprocessor is not None:
             preprocessor.save_pretrained(args.output_dir)
@@ -208,14 +219,19 @@ def push_to_hub(task: Task, args: argparse.Namespace, results: dict) -> Any:
     try:
         from hf_multimax.hub import push_to_hub as hub_push
     except ImportError:
-        logger.warning("hf_multimax.hub is not available in this installation: the model is saved locally in %s "
-                       "and was not pushed", args.output_dir)
+        logger.warning(
+            "hf_multimax.hub is not available in this installation: the model is saved locally in %s "
+            "and was not pushed",
+            args.output_dir,
+        )
         return None
     metrics = dict(results.get("metrics") or {})
     dataset = args.dataset_name
     if dataset is None:  # local files or the embedded default: describe them for the card's model-index
         dataset = "local files" if args.train_file else task.default_dataset
-    eval_results = dict(metrics, dataset_type=dataset, dataset_name=dataset, dataset_split="validation") if metrics else None
+    eval_results = (
+        dict(metrics, dataset_type=dataset, dataset_name=dataset, dataset_split="validation") if metrics else None
+    )
     try:
         return hub_push(
             args.output_dir,
@@ -230,8 +246,9 @@ def push_to_hub(task: Task, args: argparse.Namespace, results: dict) -> Any:
             pipeline_tag=task.pipeline_tag,
         )
     except Exception as error:  # the trained model is safe on disk; say why it is not on the Hub
-        logger.error("push to the Hub failed (%s: %s); the model is saved in %s", type(error).__name__, error,
-                     args.output_dir)
+        logger.error(
+            "push to the Hub failed (%s: %s); the model is saved in %s", type(error).__name__, error, args.output_dir
+        )
         return None
 
 
@@ -276,8 +293,13 @@ def run(task: Task, args: argparse.Namespace) -> dict:
         # Evaluation too: sorted by length (its metrics do not depend on the order), so generation pads little.
         eval_lengths = sequence_lengths(eval_dataset)
         eval_dataset = eval_dataset.select(sorted(range(len(eval_lengths)), key=eval_lengths.__getitem__))
-    train_dataloader = DataLoader(train_dataset, sampler=sampler, shuffle=sampler is None, collate_fn=collator,
-                                  batch_size=args.per_device_train_batch_size)
+    train_dataloader = DataLoader(
+        train_dataset,
+        sampler=sampler,
+        shuffle=sampler is None,
+        collate_fn=collator,
+        batch_size=args.per_device_train_batch_size,
+    )
     eval_dataloader = DataLoader(eval_dataset, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
 
     # 4. Optimizer (MultiMax parameters without weight decay) and learning-rate schedule.
@@ -286,7 +308,8 @@ def run(task: Task, args: argparse.Namespace) -> dict:
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer=optimizer,
+        args.lr_scheduler_type,
+        optimizer=optimizer,
         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
@@ -296,19 +319,27 @@ def run(task: Task, args: argparse.Namespace) -> dict:
         model, optimizer, train_dataloader, eval_dataloader, scheduler
     )
     if args.with_tracking:
-        accelerator.init_trackers(f"hf_multimax_{task.name}", {k: v for k, v in vars(args).items()
-                                                                  if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            f"hf_multimax_{task.name}", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
 
     # 6. Train, evaluating after every epoch.
-    result = train(accelerator, model, optimizer, scheduler, train_dataloader, args,
-                   evaluate=lambda: task.evaluate(accelerator, model, eval_dataloader, args, preprocessor),
-                   count_labels=lambda batch: task.label_count(batch["labels"]))
+    result = train(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_dataloader,
+        args,
+        evaluate=lambda: task.evaluate(accelerator, model, eval_dataloader, args, preprocessor),
+        count_labels=lambda batch: task.label_count(batch["labels"]),
+    )
     if not result.metrics:  # resumed after the last epoch: nothing ran
         result.metrics = task.evaluate(accelerator, model, eval_dataloader, args, preprocessor)
     if args.with_tracking:
         accelerator.end_training()
 
-    tail = [loss for _, loss in result.losses[-max(1, len(result.losses) // 10):]]
+    tail = [loss for _, loss in result.losses[-max(1, len(result.losses) // 10) :]]
     results = {
         "task": task.name,
         "attn_implementation": args.attn_implementation,

@@ -16,8 +16,10 @@ def sequence_lengths(dataset) -> list[int]:
     """Per example, the length of its ``input_ids`` or, where ``labels`` are token sequences too (seq2seq), the longer
     of the two; ``ValueError`` naming ``--group_by_length`` when the data set has no ``input_ids`` (images, say)."""
     if "input_ids" not in dataset.column_names:
-        raise ValueError(f"--group_by_length groups tokenized text by length, but this data set has no input_ids "
-                         f"column (its columns: {dataset.column_names})")
+        raise ValueError(
+            f"--group_by_length groups tokenized text by length, but this data set has no input_ids "
+            f"column (its columns: {dataset.column_names})"
+        )
     lengths = [len(ids) for ids in dataset["input_ids"]]
     if "labels" in dataset.column_names and len(dataset) and isinstance(dataset[0]["labels"], list):
         lengths = [max(n, len(labels)) for n, labels in zip(lengths, dataset["labels"])]
@@ -56,5 +58,8 @@ class LengthGroupedSampler(Sampler[int]):
 
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=self.batches_per_group,
-                                               generator=generator))
+        return iter(
+            get_length_grouped_indices(
+                self.lengths, self.batch_size, mega_batch_mult=self.batches_per_group, generator=generator
+            )
+        )

@@ -222,8 +222,12 @@ def write_model_card(
         columns=list(range(2 * order)),
         plot=plot,
         eval_rows=[
-            {"metric": r.metric_name or r.metric_type, "value": r.metric_value, "dataset": r.dataset_name,
-             "split": r.dataset_split or ""}
+            {
+                "metric": r.metric_name or r.metric_type,
+                "value": r.metric_value,
+                "dataset": r.dataset_name,
+                "split": r.dataset_split or "",
+            }
             for r in card_data.eval_results or []
         ],
         hf_multimax_version=__version__,

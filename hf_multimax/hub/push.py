@@ -179,7 +179,9 @@ def set_adapter_base_model(folder: Path, base_model: str) -> None:
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text())
     if config.get("base_model_name_or_path") != base_model:
-        logger.info("adapter_config.json: base_model_name_or_path %r -> %r", config.get("base_model_name_or_path"), base_model)
+        logger.info(
+            "adapter_config.json: base_model_name_or_path %r -> %r", config.get("base_model_name_or_path"), base_model
+        )
         config["base_model_name_or_path"] = base_model
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -285,7 +287,9 @@ def kept(local_dir: Path, repo_id: str) -> str:
     )
 
 
-def explain(err: BaseException, stage: str, repo_id: str, revision: str | None, endpoint: str, timeout: float | None) -> str:
+def explain(
+    err: BaseException, stage: str, repo_id: str, revision: str | None, endpoint: str, timeout: float | None
+) -> str:
     """One sentence on what went wrong in ``stage`` (``reach``, ``create_repo``, ``create_branch``, ``upload``)."""
     if isinstance(err, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set, so huggingface_hub makes no network calls; unset it to push"
@@ -307,7 +311,9 @@ def explain(err: BaseException, stage: str, repo_id: str, revision: str | None, 
             return f"the Hub rejected the token (HTTP 401: {detail}); {LOGIN_HINT} with a token that has write access"
         if status == 403:
             return f"the token may not write to '{repo_id}' (HTTP 403: {detail}); use a token with write access there"
-        action = {"create_repo": "repository creation", "create_branch": f"creation of branch {revision!r}"}.get(stage, "upload")
+        action = {"create_repo": "repository creation", "create_branch": f"creation of branch {revision!r}"}.get(
+            stage, "upload"
+        )
         return f"the Hub rejected the {action} (HTTP {status}: {detail})"
     if isinstance(err, NETWORK_ERRORS):
         if "timeout" in type(err).__name__.lower() or isinstance(err, TimeoutError):
@@ -360,7 +366,9 @@ def upload(
     except Exception as err:
         what = explain(err, stage, repo_id, revision, api.endpoint, connect_timeout)
         nothing = "uploaded" if stage in ("reach", "create_repo") else "committed"
-        raise HubPushError(f"Could not push to '{repo_id}': {what}. Nothing was {nothing}. {kept(local_dir, repo_id)}", local_dir) from err
+        raise HubPushError(
+            f"Could not push to '{repo_id}': {what}. Nothing was {nothing}. {kept(local_dir, repo_id)}", local_dir
+        ) from err
     return str(repo_url), getattr(commit, "commit_url", None)
 
 
@@ -423,7 +431,10 @@ def push_to_hub(
     """
     validate_repo_id(repo_id)
     build_eval_results(  # fail on bad metadata before writing anything
-        eval_results, model_name=repo_id, pipeline_tag=pipeline_tag, datasets=[datasets] if isinstance(datasets, str) else datasets
+        eval_results,
+        model_name=repo_id,
+        pipeline_tag=pipeline_tag,
+        datasets=[datasets] if isinstance(datasets, str) else datasets,
     )
     local_dir = Path(local_dir) if local_dir is not None else default_local_dir(repo_id)
     base_config, architecture = write_push_folder(
@@ -463,4 +474,6 @@ def push_to_hub(
         connect_timeout=connect_timeout,
     )
     logger.info("pushed %s to %s (%s)", local_dir, repo_id, commit_url)
-    return PushResult(local_dir, repo_id, files, uploaded=True, revision=revision, repo_url=repo_url, commit_url=commit_url)
+    return PushResult(
+        local_dir, repo_id, files, uploaded=True, revision=revision, repo_url=repo_url, commit_url=commit_url
+    )

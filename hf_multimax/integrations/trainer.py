@@ -96,13 +96,17 @@ def __getattr__(name: str):
     if name in ("MultiMaxTrainer", "MultiMaxSeq2SeqTrainer"):
         trainer, seq2seq = _trainer_classes()
         base = trainer if name == "MultiMaxTrainer" else seq2seq
-        cls = type(name, (MultiMaxTrainerMixin, base), {
-            "__init__": _init_with_output_clip(base),
-            "__doc__": f"``transformers.{base.__name__}`` with MultiMax's training habits (see "
-                       ":mod:`hf_multimax.integrations.trainer`); takes ``multimax_output_clip=`` besides "
-                       f"{base.__name__}'s arguments.",
-            "__module__": __name__,
-        })  # fmt: skip
+        cls = type(
+            name,
+            (MultiMaxTrainerMixin, base),
+            {
+                "__init__": _init_with_output_clip(base),
+                "__doc__": f"``transformers.{base.__name__}`` with MultiMax's training habits (see "
+                ":mod:`hf_multimax.integrations.trainer`); takes ``multimax_output_clip=`` besides "
+                f"{base.__name__}'s arguments.",
+                "__module__": __name__,
+            },
+        )
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -168,9 +172,15 @@ def check_trainer_compatibility(trainer_class: type | None = None) -> list[str]:
             continue
         parameters = inspect.signature(inspect.unwrap(method)).parameters
         names = tuple(parameters)
-        required_extra = [p for p in list(parameters.values())[len(expected):] if p.default is inspect.Parameter.empty
-                          and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        required_extra = [
+            p
+            for p in list(parameters.values())[len(expected) :]
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
         if names[: len(expected)] != expected or required_extra:  # the mixin calls them with exactly these
-            problems.append(f"transformers.Trainer.{name} now takes ({', '.join(names)}); hf-multimax expects "
-                            f"({', '.join(expected)})")  # fmt: skip
+            problems.append(
+                f"transformers.Trainer.{name} now takes ({', '.join(names)}); hf-multimax expects "
+                f"({', '.join(expected)})"
+            )
     return problems

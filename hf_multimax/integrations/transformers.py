@@ -145,15 +145,35 @@ def _wrap_adjust_keys(original):
 
 #: Everything patched on Transformers' classes (the config properties and interface registrations aside).
 HOOKS: tuple[Hook, ...] = (
-    Hook("PreTrainedModel", "post_init", ("self",), _wrap_post_init,
-         "models built with attn_implementation='multimax' get no MultiMax parameters"),
-    Hook("PreTrainedModel", "set_attn_implementation", ("self", "attn_implementation"), _wrap_set_attn_implementation,
-         "set_attn_implementation('multimax') attaches no MultiMax parameters"),
-    Hook("PreTrainedModel", "_initialize_weights", ("self", "module"), _wrap_initialize_weights,
-         "MultiMax parameters missing from a checkpoint are not initialised"),
-    Hook("PreTrainedModel", "_adjust_missing_and_unexpected_keys", ("self", "loading_info"), _wrap_adjust_keys,
-         "checkpoints with MultiMax parameters of the wrong shape or loaded without MultiMax are not reported"),
-)  # fmt: skip
+    Hook(
+        "PreTrainedModel",
+        "post_init",
+        ("self",),
+        _wrap_post_init,
+        "models built with attn_implementation='multimax' get no MultiMax parameters",
+    ),
+    Hook(
+        "PreTrainedModel",
+        "set_attn_implementation",
+        ("self", "attn_implementation"),
+        _wrap_set_attn_implementation,
+        "set_attn_implementation('multimax') attaches no MultiMax parameters",
+    ),
+    Hook(
+        "PreTrainedModel",
+        "_initialize_weights",
+        ("self", "module"),
+        _wrap_initialize_weights,
+        "MultiMax parameters missing from a checkpoint are not initialised",
+    ),
+    Hook(
+        "PreTrainedModel",
+        "_adjust_missing_and_unexpected_keys",
+        ("self", "loading_info"),
+        _wrap_adjust_keys,
+        "checkpoints with MultiMax parameters of the wrong shape or loaded without MultiMax are not reported",
+    ),
+)
 
 
 def check_compatibility(classes: dict[str, type] | None = None) -> list[str]:
@@ -214,12 +234,13 @@ def check_loaded_parameters(model, loading_info) -> None:
             f"The checkpoint holds {len(dropped)} learned attention parameters (e.g. `{dropped[0]}`) that "
             f"{type(model).__name__} does not use because it was loaded with "
             f"attn_implementation={model.config._attn_implementation!r}. They are dropped: load it with "
-            f"`import hf_multimax` and `from_pretrained(..., attn_implementation=\"{trained_with}\")` to use them.",
+            f'`import hf_multimax` and `from_pretrained(..., attn_implementation="{trained_with}")` to use them.',
             MultiMaxWarning,
             stacklevel=2,
         )
-        logger.warning("Learned attention parameters in the checkpoint were dropped: %d keys, e.g. %s", len(dropped),
-                       dropped[0])  # fmt: skip
+        logger.warning(
+            "Learned attention parameters in the checkpoint were dropped: %d keys, e.g. %s", len(dropped), dropped[0]
+        )
 
 
 #: id(config) -> (parametric implementation, weak references to the models built with it on that config object).
@@ -322,9 +343,12 @@ def install() -> None:
         problems = _incompatible(classes)
         for hook in HOOKS:
             if hook.name in problems:
-                warnings.warn(f"hf-multimax did not hook {hook.qualified_name}: {problems[hook.name]}. Without "
-                              f"it {hook.purpose}. Please report this with your Transformers version.",
-                              MultiMaxWarning, stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"hf-multimax did not hook {hook.qualified_name}: {problems[hook.name]}. Without "
+                    f"it {hook.purpose}. Please report this with your Transformers version.",
+                    MultiMaxWarning,
+                    stacklevel=2,
+                )
                 continue
             owner = classes[hook.owner]
             _set(owner, hook.name, hook.wrap(getattr(owner, hook.name)), _PATCHED)
@@ -348,8 +372,10 @@ def uninstall() -> None:
             from transformers.masking_utils import AttentionMaskInterface
 
             for name, (function, mask) in _REGISTERED.items():
-                for mapping, previous in ((AttentionInterface._global_mapping, function),
-                                          (AttentionMaskInterface._global_mapping, mask)):  # fmt: skip
+                for mapping, previous in (
+                    (AttentionInterface._global_mapping, function),
+                    (AttentionMaskInterface._global_mapping, mask),
+                ):
                     if previous is _MISSING:
                         mapping.pop(name, None)
                     else:
@@ -359,7 +385,11 @@ def uninstall() -> None:
 
 
 def register_attention(
-    name: str, function: Callable, parameters=None, *, mask_function: Callable | None = None,
+    name: str,
+    function: Callable,
+    parameters=None,
+    *,
+    mask_function: Callable | None = None,
     weights_twin: str | None = None,
 ) -> None:
     """Register an attention implementation of your own, as hf-multimax registers its: ``function`` (Transformers'
@@ -368,7 +398,9 @@ def register_attention(
     modules of every model that selects it (LoRA, analysis and model cards then see them too)."""
     from .. import registry
 
-    implementation = registry.Implementation(function, parameters, weights_twin=weights_twin, mask_function=mask_function)
+    implementation = registry.Implementation(
+        function, parameters, weights_twin=weights_twin, mask_function=mask_function
+    )
     with _LOCK:
         registry.add(name, implementation)
         if _REGISTERED or MODELING_MODULE in sys.modules:
@@ -415,8 +447,12 @@ def _run(callbacks: list[Callable[[], None]]) -> None:
         try:
             callback()
         except Exception as error:  # never break the user's `import transformers...`; say why MultiMax is missing
-            warnings.warn(f"hf-multimax could not install its Transformers hooks ({type(error).__name__}: {error}); "
-                          "attn_implementation='multimax' is unavailable", MultiMaxWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"hf-multimax could not install its Transformers hooks ({type(error).__name__}: {error}); "
+                "attn_implementation='multimax' is unavailable",
+                MultiMaxWarning,
+                stacklevel=2,
+            )
 
 
 _FINDER = _PostImportFinder()

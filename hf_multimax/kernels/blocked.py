@@ -64,7 +64,9 @@ def _ungrouped(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.reshape(b, hkv * n_rep, rows // n_rep, last)
 
 
-def _block_scores(p: AttentionProblem, i0: int, i1: int, kv_end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _block_scores(
+    p: AttentionProblem, i0: int, i1: int, kv_end: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(s, z, excluded)`` for queries ``i0:i1`` and keys ``:kv_end``: s = scale·QKᵀ (+ bias), z = σ(s) with the mask
     applied as the reference does, ``excluded`` the entries whose gradient a bool/causal mask blocks (or None)."""
     q = _grouped(p.q[:, :, i0:i1], p.n_rep)

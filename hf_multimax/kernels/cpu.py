@@ -83,34 +83,83 @@ class _Args(ctypes.Structure):
     """Mirror of ``struct MMArgs`` in the C++ source (every field 8 bytes: no padding surprises)."""
 
     _fields_ = [
-        ("q", _ptr), ("q_sb", _i64), ("q_sh", _i64), ("q_sl", _i64),
-        ("k", _ptr), ("k_sb", _i64), ("k_sh", _i64), ("k_sl", _i64),
-        ("v", _ptr), ("v_sb", _i64), ("v_sh", _i64), ("v_sl", _i64),
-        ("bias", _ptr), ("bias_sb", _i64), ("bias_sh", _i64), ("bias_sl", _i64),
-        ("mask", _ptr), ("mask_kind", _i64), ("mask_sb", _i64), ("mask_sh", _i64), ("mask_sl", _i64),
-        ("ranges", _ptr), ("ts", _ptr), ("order", _i64),
-        ("out", _ptr), ("o_sb", _i64), ("o_sh", _i64), ("o_sl", _i64),
+        ("q", _ptr),
+        ("q_sb", _i64),
+        ("q_sh", _i64),
+        ("q_sl", _i64),
+        ("k", _ptr),
+        ("k_sb", _i64),
+        ("k_sh", _i64),
+        ("k_sl", _i64),
+        ("v", _ptr),
+        ("v_sb", _i64),
+        ("v_sh", _i64),
+        ("v_sl", _i64),
+        ("bias", _ptr),
+        ("bias_sb", _i64),
+        ("bias_sh", _i64),
+        ("bias_sl", _i64),
+        ("mask", _ptr),
+        ("mask_kind", _i64),
+        ("mask_sb", _i64),
+        ("mask_sh", _i64),
+        ("mask_sl", _i64),
+        ("ranges", _ptr),
+        ("ts", _ptr),
+        ("order", _i64),
+        ("out", _ptr),
+        ("o_sb", _i64),
+        ("o_sh", _i64),
+        ("o_sl", _i64),
         ("stats", _ptr),
-        ("dout", _ptr), ("do_sb", _i64), ("do_sh", _i64), ("do_sl", _i64),
-        ("dq", _ptr), ("dk", _ptr), ("dv", _ptr), ("pacc", _ptr),
-        ("dbias", _ptr), ("dbias_b", _i64), ("dbias_h", _i64),
-        ("B", _i64), ("H", _i64), ("Hkv", _i64), ("Lq", _i64), ("Lk", _i64), ("D", _i64), ("Dv", _i64),
-        ("scale", _f64), ("causal", _i64), ("dropout", _f64), ("seed", _i64),
-        ("block_q", _i64), ("block_k", _i64), ("nthreads", _i64),
+        ("dout", _ptr),
+        ("do_sb", _i64),
+        ("do_sh", _i64),
+        ("do_sl", _i64),
+        ("dq", _ptr),
+        ("dk", _ptr),
+        ("dv", _ptr),
+        ("pacc", _ptr),
+        ("dbias", _ptr),
+        ("dbias_b", _i64),
+        ("dbias_h", _i64),
+        ("B", _i64),
+        ("H", _i64),
+        ("Hkv", _i64),
+        ("Lq", _i64),
+        ("Lk", _i64),
+        ("D", _i64),
+        ("Dv", _i64),
+        ("scale", _f64),
+        ("causal", _i64),
+        ("dropout", _f64),
+        ("seed", _i64),
+        ("block_q", _i64),
+        ("block_k", _i64),
+        ("nthreads", _i64),
         ("kv_split", _i64),
-    ]  # fmt: skip
+    ]
 
 
 class _CEArgs(ctypes.Structure):
     """Mirror of ``struct CEArgs``."""
 
     _fields_ = [
-        ("logits", _ptr), ("rows", _i64), ("vocab", _i64), ("ld", _i64),
-        ("labels", _ptr), ("ignore_index", _i64),
-        ("ranges", _ptr), ("ts", _ptr), ("order", _i64),
-        ("grad_scale", _f64), ("need_grad", _i64),
-        ("loss", _ptr), ("pacc", _ptr), ("nthreads", _i64),
-    ]  # fmt: skip
+        ("logits", _ptr),
+        ("rows", _i64),
+        ("vocab", _i64),
+        ("ld", _i64),
+        ("labels", _ptr),
+        ("ignore_index", _i64),
+        ("ranges", _ptr),
+        ("ts", _ptr),
+        ("order", _i64),
+        ("grad_scale", _f64),
+        ("need_grad", _i64),
+        ("loss", _ptr),
+        ("pacc", _ptr),
+        ("nthreads", _i64),
+    ]
 
 
 def _cache_dir() -> Path:
@@ -288,7 +337,9 @@ def cpu_kernel_status(target: str | None = None) -> tuple[bool, str]:
                 _STATE[target] = {"ok": False, "reason": reason}
                 logger.warning(
                     "The fused MultiMax CPU kernel (-march=%s) is unavailable (%s); using the pure-PyTorch blocked "
-                    "path, which is exact but slower.", target, reason,
+                    "path, which is exact but slower.",
+                    target,
+                    reason,
                 )
         state = _STATE[target]
         return bool(state["ok"]), str(state["reason"])

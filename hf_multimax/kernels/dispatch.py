@@ -107,8 +107,10 @@ def _prepare(requested: str | None, build: dict) -> tuple[ModuleType, AttentionP
         reason = triton_kernel.unsupported(problem)
         if reason is None:
             return triton_kernel, problem
-        _warn_once(f"Triton MultiMax attention cannot run {triton_kernel.describe(problem)}: {reason}; using the "
-                   "blocked PyTorch path.")  # fmt: skip
+        _warn_once(
+            f"Triton MultiMax attention cannot run {triton_kernel.describe(problem)}: {reason}; using the "
+            "blocked PyTorch path."
+        )
         return blocked, problem.in_compute_dtype()
     from . import cpu
 
@@ -139,8 +141,10 @@ def _launch_failed(kernel: ModuleType, problem: AttentionProblem, error: Excepti
     """A Triton kernel that failed to compile or launch: say so once; the problem for the blocked path."""
     from . import triton_kernel
 
-    _warn_once(f"Triton MultiMax attention failed on {triton_kernel.describe(problem)} ({type(error).__name__}: "
-               f"{error}); using the blocked PyTorch path.")  # fmt: skip
+    _warn_once(
+        f"Triton MultiMax attention failed on {triton_kernel.describe(problem)} ({type(error).__name__}: "
+        f"{error}); using the blocked PyTorch path."
+    )
     return problem.in_compute_dtype()
 
 
@@ -156,8 +160,9 @@ def run_forward(requested: str | None, build: dict) -> tuple[torch.Tensor, torch
         return blocked.forward(_launch_failed(kernel, problem, error))
 
 
-def run_backward(requested: str | None, build: dict, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor,
-                 need_bias_grad: bool):  # fmt: skip
+def run_backward(
+    requested: str | None, build: dict, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, need_bias_grad: bool
+):
     """``(problem, (dq, dk, dv, sums, dbias))`` of the attention call described by ``build``, given the forward's
     output and statistics and the output's gradient."""
     kernel, problem = _prepare(requested, build)

@@ -115,12 +115,14 @@ def flex_multimax_attention(
     block_mask = _causal_block_mask(lq, lk, query.device) if is_causal else None
     compile = query.device.type == "cuda" if compile is None else compile
     if not compile:
-        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                             enable_gqa=key.shape[1] != h)  # fmt: skip
+        out = flex_attention(
+            query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != h
+        )
         return out.transpose(1, 2).contiguous()
     try:
-        out = _compiled_flex()(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                               enable_gqa=key.shape[1] != h)  # fmt: skip
+        out = _compiled_flex()(
+            query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != h
+        )
     except Exception as error:
         _BROKEN.append(f"{type(error).__name__}: {error}")
         raise FlexCompileError(f"compiled FlexAttention failed: {type(error).__name__}: {error}") from error

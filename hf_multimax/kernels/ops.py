@@ -33,8 +33,19 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _build(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p) -> dict:
     """The keyword arguments of :meth:`AttentionProblem.build` for one call."""
-    return dict(q=query, k=key, v=value, ranges=ranges, ts=ts, scale=scale, mask=mask, causal=causal, bias=bias,
-                dropout_p=dropout_p, seed=int(seed.item()))  # fmt: skip
+    return dict(
+        q=query,
+        k=key,
+        v=value,
+        ranges=ranges,
+        ts=ts,
+        scale=scale,
+        mask=mask,
+        causal=causal,
+        bias=bias,
+        dropout_p=dropout_p,
+        seed=int(seed.item()),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,8 +68,9 @@ def attention(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Lq, H, Dv), stats (2, B, H, Lq))`` in the compute dtype (float32; float64 for float64 inputs)."""
-    out, stats = dispatch.run_forward(backend, _build(query, key, value, ranges, ts, bias, mask, seed, scale, causal,
-                                                      dropout_p))  # fmt: skip
+    out, stats = dispatch.run_forward(
+        backend, _build(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p)
+    )
     return out.contiguous(), stats.contiguous()
 
 
@@ -91,17 +103,40 @@ def attention_backward(
     """``(d query, d key, d value, d ranges, d ts, d bias)`` in the inputs' dtypes and shapes (contiguous); ``d bias``
     is empty when it is not needed."""
     build = _build(query, key, value, ranges, ts, bias, mask, seed, scale, causal, dropout_p)
-    problem, (dq, dk, dv, sums, dbias) = dispatch.run_backward(backend, build, out, stats, grad_out,
-                                                               need_bias_grad and bias is not None)  # fmt: skip
+    problem, (dq, dk, dv, sums, dbias) = dispatch.run_backward(
+        backend, build, out, stats, grad_out, need_bias_grad and bias is not None
+    )
     d_ranges, d_ts = parameter_grads(problem, sums, ranges.dtype)
     d_bias = problem.reduce_bias_grad(dbias).to(bias.dtype).contiguous() if dbias is not None else query.new_empty(0)
-    return (dq.to(query.dtype).contiguous(), dk.to(key.dtype).contiguous(), dv.to(value.dtype).contiguous(),
-            d_ranges.to(ranges.dtype).contiguous(), d_ts.to(ts.dtype).contiguous(), d_bias)  # fmt: skip
+    return (
+        dq.to(query.dtype).contiguous(),
+        dk.to(key.dtype).contiguous(),
+        dv.to(value.dtype).contiguous(),
+        d_ranges.to(ranges.dtype).contiguous(),
+        d_ts.to(ts.dtype).contiguous(),
+        d_bias,
+    )
 
 
 @attention_backward.register_fake
-def _(grad_out, query, key, value, ranges, ts, bias, mask, seed, out, stats, scale, causal, dropout_p, need_bias_grad,
-      backend):  # fmt: skip
+def _(
+    grad_out,
+    query,
+    key,
+    value,
+    ranges,
+    ts,
+    bias,
+    mask,
+    seed,
+    out,
+    stats,
+    scale,
+    causal,
+    dropout_p,
+    need_bias_grad,
+    backend,
+):
     def like(x: Tensor) -> Tensor:
         return x.new_empty(x.shape)
 
@@ -121,9 +156,23 @@ def _attention_grad(ctx, grad_out, grad_stats):
     scale, causal, dropout_p, backend = ctx.options
     need_bias_grad = bias is not None and ctx.needs_input_grad[5]
     dq, dk, dv, d_ranges, d_ts, d_bias = attention_backward(
-        grad_out.contiguous(), query, key, value, ranges, ts, bias, mask, seed, out, stats, scale, causal, dropout_p,
-        need_bias_grad, backend,
-    )  # fmt: skip
+        grad_out.contiguous(),
+        query,
+        key,
+        value,
+        ranges,
+        ts,
+        bias,
+        mask,
+        seed,
+        out,
+        stats,
+        scale,
+        causal,
+        dropout_p,
+        need_bias_grad,
+        backend,
+    )
     return dq, dk, dv, d_ranges, d_ts, (d_bias if need_bias_grad else None), None, None, None, None, None, None
 
 
@@ -173,10 +222,23 @@ def multimax_attention(
     requested = dispatch.requested_backend(backend)
 
     def through_operator() -> Tensor:
-        seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
-                else torch.zeros((), dtype=torch.int64))  # fmt: skip
-        out, _ = attention(query, key, value, ranges, ts, position_bias, attention_mask, seed, float(scale),
-                           bool(is_causal), float(dropout_p), "torch" if requested == "flex" else requested or "auto")  # fmt: skip
+        seed = (
+            torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+        )
+        out, _ = attention(
+            query,
+            key,
+            value,
+            ranges,
+            ts,
+            position_bias,
+            attention_mask,
+            seed,
+            float(scale),
+            bool(is_causal),
+            float(dropout_p),
+            "torch" if requested == "flex" else requested or "auto",
+        )
         return out.to(query.dtype)
 
     if not dispatch.uses_flex(query, dropout_p, requested):
@@ -184,10 +246,19 @@ def multimax_attention(
     from . import flex
 
     return dispatch.with_flex_fallback(
-        lambda: flex.flex_multimax_attention(query, key, value, ranges, ts, scale=scale, attention_mask=attention_mask,
-                                             is_causal=is_causal, position_bias=position_bias),
+        lambda: flex.flex_multimax_attention(
+            query,
+            key,
+            value,
+            ranges,
+            ts,
+            scale=scale,
+            attention_mask=attention_mask,
+            is_causal=is_causal,
+            position_bias=position_bias,
+        ),
         through_operator,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,8 +309,9 @@ def linear_seglu_cross_entropy_op(
         h = hidden[start : start + chunk_size]
         # The head in the model's dtype, then float32 like the hook (float64 stays: gradcheck).
         logits = torch.nn.functional.linear(h, weight, bias).to(compute_dtype)
-        loss, chunk_sums = kernel(logits, labels[start : start + chunk_size], ranges, ts, ignore_index, grad_scale,
-                                  need_grad)  # fmt: skip
+        loss, chunk_sums = kernel(
+            logits, labels[start : start + chunk_size], ranges, ts, ignore_index, grad_scale, need_grad
+        )
         total += loss.sum(dtype=torch.float64)
         sums += chunk_sums
         if not need_grad:
@@ -260,20 +332,42 @@ def linear_seglu_cross_entropy_op(
     grad_ranges = grad_ts = empty
     if need_params:
         grad_ranges, grad_ts = (g.to(ts.dtype) for g in seglu_parameter_grads(sums, ts))
-    return (loss, grad_hidden, grad_weight.to(weight.dtype) if need_weight else empty,
-            grad_bias.to(bias.dtype) if need_bias else empty, grad_ranges, grad_ts)  # fmt: skip
+    return (
+        loss,
+        grad_hidden,
+        grad_weight.to(weight.dtype) if need_weight else empty,
+        grad_bias.to(bias.dtype) if need_bias else empty,
+        grad_ranges,
+        grad_ts,
+    )
 
 
 @linear_seglu_cross_entropy_op.register_fake
-def _(hidden, weight, bias, ranges, ts, labels, ignore_index, chunk_size, mean, need_hidden, need_weight, need_bias,
-      need_params, backend):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    bias,
+    ranges,
+    ts,
+    labels,
+    ignore_index,
+    chunk_size,
+    mean,
+    need_hidden,
+    need_weight,
+    need_bias,
+    need_params,
+    backend,
+):
     empty = hidden.new_empty(0)
-    return (hidden.new_empty((), dtype=_compute_dtype(hidden)),
-            hidden.new_empty(hidden.shape) if need_hidden else empty,
-            weight.new_empty(weight.shape) if need_weight else empty,
-            bias.new_empty(bias.shape) if need_bias else empty,
-            ranges.new_empty(ranges.shape) if need_params else empty,
-            ts.new_empty(ts.shape) if need_params else empty)  # fmt: skip
+    return (
+        hidden.new_empty((), dtype=_compute_dtype(hidden)),
+        hidden.new_empty(hidden.shape) if need_hidden else empty,
+        weight.new_empty(weight.shape) if need_weight else empty,
+        bias.new_empty(bias.shape) if need_bias else empty,
+        ranges.new_empty(ranges.shape) if need_params else empty,
+        ts.new_empty(ts.shape) if need_params else empty,
+    )
 
 
 def _cross_entropy_setup(ctx, inputs, output) -> None:
@@ -288,8 +382,13 @@ def _cross_entropy_grad(ctx, grad_loss, *unused):
     def scaled(grad: Tensor, needed: bool) -> Tensor | None:
         return grad * grad_loss.to(grad.dtype) if needed else None
 
-    return (scaled(grad_hidden, need_hidden), scaled(grad_weight, need_weight), scaled(grad_bias, need_bias),
-            scaled(grad_ranges, need_params), scaled(grad_ts, need_params)) + (None,) * 9  # fmt: skip
+    return (
+        scaled(grad_hidden, need_hidden),
+        scaled(grad_weight, need_weight),
+        scaled(grad_bias, need_bias),
+        scaled(grad_ranges, need_params),
+        scaled(grad_ts, need_params),
+    ) + (None,) * 9
 
 
 linear_seglu_cross_entropy_op.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)
@@ -312,10 +411,21 @@ def linear_seglu_cross_entropy(
     grad = torch.is_grad_enabled()
     need_params = grad and (ranges.requires_grad or ts.requires_grad)
     loss, *_ = linear_seglu_cross_entropy_op(
-        hidden, weight, bias, ranges, ts, labels, int(ignore_index), int(chunk_size), reduction == "mean",
-        grad and hidden.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad,
-        need_params, backend or "auto",
-    )  # fmt: skip
+        hidden,
+        weight,
+        bias,
+        ranges,
+        ts,
+        labels,
+        int(ignore_index),
+        int(chunk_size),
+        reduction == "mean",
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+        need_params,
+        backend or "auto",
+    )
     return loss
 
 

@@ -209,7 +209,9 @@ def check_inputs(
         raise ValueError(f"per-head `ranges`/`ts` are for {ranges.shape[0]} heads but the query has {h} heads")
     devices = {t.device for t in (q, k, v, ranges, ts, mask, bias) if t is not None}
     if len(devices) > 1:
-        raise ValueError(f"query, key, value, ranges, ts, mask and bias must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"query, key, value, ranges, ts, mask and bias must be on one device, got {sorted(map(str, devices))}"
+        )
     for name, x in (("attention_mask", mask), ("position_bias", bias)):
         if x is None:
             continue
@@ -218,8 +220,9 @@ def check_inputs(
         shape = (1,) * (4 - x.dim()) + tuple(x.shape) if x.dim() <= 4 else None
         target = (b, h, q.shape[2], k.shape[2])
         if shape is None or any(s not in (1, t) for s, t in zip(shape, target)):
-            raise ValueError(f"`{name}` of shape {tuple(x.shape)} does not broadcast to (batch, heads, q_len, kv_len) = "
-                             f"{target}")  # fmt: skip
+            raise ValueError(
+                f"`{name}` of shape {tuple(x.shape)} does not broadcast to (batch, heads, q_len, kv_len) = {target}"
+            )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
     return order

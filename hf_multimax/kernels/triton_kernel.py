@@ -82,9 +82,19 @@ from .problem import AttentionProblem, dropout_threshold
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "triton_available", "triton_status", "unsupported", "describe", "forward", "backward", "compile_offline",
-    "MAX_ORDER", "MAX_HEAD_DIM", "TILES", "PRECISION", "NATIVE_DTYPE",
-]  # fmt: skip
+    "triton_available",
+    "triton_status",
+    "unsupported",
+    "describe",
+    "forward",
+    "backward",
+    "compile_offline",
+    "MAX_ORDER",
+    "MAX_HEAD_DIM",
+    "TILES",
+    "PRECISION",
+    "NATIVE_DTYPE",
+]
 
 #: The kernels multiply bfloat16/float16 operands as they come (``AttentionProblem.build(native_dtype=True)``).
 NATIVE_DTYPE = True
@@ -256,14 +266,40 @@ if triton is not None:
                 if SUMS:
                     w = dz * a_prev
                     sums += tl.where(offs_s == 2 * n - 2 + side, tl.reduce(w * a, None, _SUM).to(tl.float64), 0.0)
-                    sums += tl.where(offs_s == 2 * ORDER + 2 * n - 2 + side, tl.reduce(w, None, _SUM).to(tl.float64), 0.0)
+                    sums += tl.where(
+                        offs_s == 2 * ORDER + 2 * n - 2 + side, tl.reduce(w, None, _SUM).to(tl.float64), 0.0
+                    )
         return dz * deriv, sums
 
     @triton.jit
-    def _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale,
-                Bias, sbb, sbh, sbm, Mask, smb, smh, smm, R, T,
-                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, ORDER: tl.constexpr,
-                ACC: tl.constexpr, DOT: tl.constexpr, WIDEN: tl.constexpr):  # fmt: skip
+    def _scores(
+        q,
+        k,
+        b,
+        h,
+        offs_m,
+        offs_n,
+        Lq,
+        Lk,
+        scale,
+        Bias,
+        sbb,
+        sbh,
+        sbm,
+        Mask,
+        smb,
+        smh,
+        smm,
+        R,
+        T,
+        CAUSAL: tl.constexpr,
+        MASK_KIND: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ORDER: tl.constexpr,
+        ACC: tl.constexpr,
+        DOT: tl.constexpr,
+        WIDEN: tl.constexpr,
+    ):
         """``(s, z)`` of one tile: ``s = scale·q·kᵀ (+ bias)``, ``z = σ(s)`` masked (``-inf``: not attended)."""
         s = _dot(q, tl.trans(k), DOT, ACC, WIDEN) * scale
         inside = (offs_m < Lq)[:, None] & (offs_n < Lk)[None, :]
@@ -290,14 +326,59 @@ if triton is not None:
         return tl.exp(z - m_safe[:, None] - log_l[:, None])
 
     @triton.jit(do_not_specialize=["seed", "threshold"])
-    def _fwd_kernel(Q, K, V, Bias, Mask, R, T, C, Out, Stats,
-                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, smb, smh, smm, sob, som, soh,
-                    B, H, N_REP, Lq, Lk, D, DV, seed, threshold,
-                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                    ORDER: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, WIDEN: tl.constexpr,
-                    SPLIT_PV: tl.constexpr, SPLIT_DS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr):  # fmt: skip
+    def _fwd_kernel(
+        Q,
+        K,
+        V,
+        Bias,
+        Mask,
+        R,
+        T,
+        C,
+        Out,
+        Stats,
+        sqb,
+        sqh,
+        sqm,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        sbb,
+        sbh,
+        sbm,
+        smb,
+        smh,
+        smm,
+        sob,
+        som,
+        soh,
+        B,
+        H,
+        N_REP,
+        Lq,
+        Lk,
+        D,
+        DV,
+        seed,
+        threshold,
+        CAUSAL: tl.constexpr,
+        MASK_KIND: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DROPOUT: tl.constexpr,
+        ORDER: tl.constexpr,
+        ACC: tl.constexpr,
+        DOT: tl.constexpr,
+        WIDEN: tl.constexpr,
+        SPLIT_PV: tl.constexpr,
+        SPLIT_DS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -311,8 +392,11 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         rows = offs_m.to(tl.int64)[:, None]
-        q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
-                    mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+        q = tl.load(
+            Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
+            mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         l_i = tl.full([BLOCK_M], 0.0, ACC)
         acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, ACC)
@@ -322,10 +406,39 @@ if triton is not None:
         for start_n in range(0, kv_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             keys = offs_n.to(tl.int64)[:, None]
-            k = tl.load(K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
-                        mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-            _, z = _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale, Bias, sbb, sbh, sbm, Mask, smb, smh, smm, R, T,
-                           CAUSAL, MASK_KIND, HAS_BIAS, ORDER, ACC, DOT, WIDEN)  # fmt: skip
+            k = tl.load(
+                K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
+                mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :],
+                other=0.0,
+            )
+            _, z = _scores(
+                q,
+                k,
+                b,
+                h,
+                offs_m,
+                offs_n,
+                Lq,
+                Lk,
+                scale,
+                Bias,
+                sbb,
+                sbh,
+                sbm,
+                Mask,
+                smb,
+                smh,
+                smm,
+                R,
+                T,
+                CAUSAL,
+                MASK_KIND,
+                HAS_BIAS,
+                ORDER,
+                ACC,
+                DOT,
+                WIDEN,
+            )
             m_new = tl.maximum(m_i, tl.reduce(z, 1, _MAX))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
@@ -333,28 +446,84 @@ if triton is not None:
             l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
             if DROPOUT:
                 p = tl.where(_keep(seed, bh, Lq, offs_m, offs_n, threshold), p * keep_scale, 0.0)
-            v = tl.load(V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
-                        mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+            v = tl.load(
+                V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
+                mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :],
+                other=0.0,
+            )
             acc = acc * alpha[:, None] + _dot_split(p, v, DOT, ACC, WIDEN, SPLIT_PV)
             m_i = m_new
         empty = m_i == float("-inf")
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         log_l = tl.where(empty, 0.0, tl.log(tl.where(empty, 1.0, l_i)))
-        tl.store(Out + b * sob + h * soh + rows * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
-                 mask=(offs_m < Lq)[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
+        tl.store(
+            Out + b * sob + h * soh + rows * som + offs_dv[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=(offs_m < Lq)[:, None] & (offs_dv < DV)[None, :],
+        )
         stat = Stats + (b * H + h) * Lq + offs_m
         tl.store(stat, m_i.to(Stats.dtype.element_ty), mask=offs_m < Lq)
         tl.store(stat + B * H * Lq, log_l.to(Stats.dtype.element_ty), mask=offs_m < Lq)
 
     @triton.jit(do_not_specialize=["seed", "threshold"])
-    def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, R, T, C, Stats, Delta, DO, DK, DV_,
-                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, smb, smh, smm, sdb, sdm, sdh,
-                         B, H, HKV, N_REP, Lq, Lk, D, DV, seed, threshold,
-                         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DROPOUT: tl.constexpr, ORDER: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                         WIDEN: tl.constexpr, SPLIT_PV: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         NS: tl.constexpr):  # fmt: skip
+    def _bwd_dkdv_kernel(
+        Q,
+        K,
+        V,
+        Bias,
+        Mask,
+        R,
+        T,
+        C,
+        Stats,
+        Delta,
+        DO,
+        DK,
+        DV_,
+        sqb,
+        sqh,
+        sqm,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        sbb,
+        sbh,
+        sbm,
+        smb,
+        smh,
+        smm,
+        sdb,
+        sdm,
+        sdh,
+        B,
+        H,
+        HKV,
+        N_REP,
+        Lq,
+        Lk,
+        D,
+        DV,
+        seed,
+        threshold,
+        CAUSAL: tl.constexpr,
+        MASK_KIND: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DROPOUT: tl.constexpr,
+        ORDER: tl.constexpr,
+        ACC: tl.constexpr,
+        DOT: tl.constexpr,
+        WIDEN: tl.constexpr,
+        SPLIT_PV: tl.constexpr,
+        SPLIT_DS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        NS: tl.constexpr,
+    ):
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1)
         b = (bkv // HKV).to(tl.int64)
@@ -365,10 +534,16 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         keys = offs_n.to(tl.int64)[:, None]
-        k = tl.load(K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
-                    mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-        v = tl.load(V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
-                    mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+        k = tl.load(
+            K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
+            mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
+            mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :],
+            other=0.0,
+        )
         dk = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
         dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
         offs_s = tl.arange(0, NS)
@@ -384,16 +559,48 @@ if triton is not None:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 rows = offs_m.to(tl.int64)[:, None]
                 in_q = offs_m < Lq
-                q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
-                            mask=in_q[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-                do = tl.load(DO + b * sdb + h * sdh + rows * sdm + offs_dv[None, :],
-                             mask=in_q[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+                q = tl.load(
+                    Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
+                    mask=in_q[:, None] & (offs_d < D)[None, :],
+                    other=0.0,
+                )
+                do = tl.load(
+                    DO + b * sdb + h * sdh + rows * sdm + offs_dv[None, :],
+                    mask=in_q[:, None] & (offs_dv < DV)[None, :],
+                    other=0.0,
+                )
                 stat = Stats + (b * H + h) * Lq + offs_m
                 m = tl.load(stat, mask=in_q, other=float("-inf")).to(ACC)
                 log_l = tl.load(stat + B * H * Lq, mask=in_q, other=0.0).to(ACC)
                 delta = tl.load(Delta + (b * H + h) * Lq + offs_m, mask=in_q, other=0.0).to(ACC)
-                s, z = _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale, Bias, sbb, sbh, sbm, Mask, smb, smh, smm,
-                               Rh, Th, CAUSAL, MASK_KIND, HAS_BIAS, ORDER, ACC, DOT, WIDEN)  # fmt: skip
+                s, z = _scores(
+                    q,
+                    k,
+                    b,
+                    h,
+                    offs_m,
+                    offs_n,
+                    Lq,
+                    Lk,
+                    scale,
+                    Bias,
+                    sbb,
+                    sbh,
+                    sbm,
+                    Mask,
+                    smb,
+                    smh,
+                    smm,
+                    Rh,
+                    Th,
+                    CAUSAL,
+                    MASK_KIND,
+                    HAS_BIAS,
+                    ORDER,
+                    ACC,
+                    DOT,
+                    WIDEN,
+                )
                 p = _probabilities(z, m, log_l)
                 dp = _dot(do, tl.trans(v), DOT, ACC, WIDEN)
                 if DROPOUT:
@@ -406,20 +613,81 @@ if triton is not None:
                 ds, _ = _sigma_backward(s, dz, Rh, Th, unused_sums, offs_s, ORDER, False)
                 dk += _dot_split(tl.trans(ds), q, DOT, ACC, WIDEN, SPLIT_DS)
         mask_k = (offs_n < Lk)[:, None]
-        tl.store(DK + (b * HKV + kvh) * Lk * D + keys * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-                 mask=mask_k & (offs_d < D)[None, :])  # fmt: skip
-        tl.store(DV_ + (b * HKV + kvh) * Lk * DV + keys * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-                 mask=mask_k & (offs_dv < DV)[None, :])  # fmt: skip
+        tl.store(
+            DK + (b * HKV + kvh) * Lk * D + keys * D + offs_d[None, :],
+            (dk * scale).to(DK.dtype.element_ty),
+            mask=mask_k & (offs_d < D)[None, :],
+        )
+        tl.store(
+            DV_ + (b * HKV + kvh) * Lk * DV + keys * DV + offs_dv[None, :],
+            dv.to(DV_.dtype.element_ty),
+            mask=mask_k & (offs_dv < DV)[None, :],
+        )
 
     @triton.jit(do_not_specialize=["seed", "threshold"])
-    def _bwd_dq_kernel(Q, K, V, Bias, Mask, R, T, C, Stats, Delta, DO, DQ, Partial, DBias,
-                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, smb, smh, smm, sdb, sdm, sdh,
-                       B, H, N_REP, Lq, Lk, D, DV, seed, threshold, DB_H, GROUP_B, GROUP_H, N_QB,
-                       CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                       BIAS_GRAD: tl.constexpr, ORDER: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                       WIDEN: tl.constexpr, SPLIT_PV: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       NS: tl.constexpr):  # fmt: skip
+    def _bwd_dq_kernel(
+        Q,
+        K,
+        V,
+        Bias,
+        Mask,
+        R,
+        T,
+        C,
+        Stats,
+        Delta,
+        DO,
+        DQ,
+        Partial,
+        DBias,
+        sqb,
+        sqh,
+        sqm,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        sbb,
+        sbh,
+        sbm,
+        smb,
+        smh,
+        smm,
+        sdb,
+        sdm,
+        sdh,
+        B,
+        H,
+        N_REP,
+        Lq,
+        Lk,
+        D,
+        DV,
+        seed,
+        threshold,
+        DB_H,
+        GROUP_B,
+        GROUP_H,
+        N_QB,
+        CAUSAL: tl.constexpr,
+        MASK_KIND: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DROPOUT: tl.constexpr,
+        BIAS_GRAD: tl.constexpr,
+        ORDER: tl.constexpr,
+        ACC: tl.constexpr,
+        DOT: tl.constexpr,
+        WIDEN: tl.constexpr,
+        SPLIT_PV: tl.constexpr,
+        SPLIT_DS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        NS: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         group = tl.program_id(1)
         # The group's (batch, head) pairs: GROUP_B batches × GROUP_H heads that share one bias-gradient slice
@@ -443,10 +711,16 @@ if triton is not None:
             kvh = h // N_REP
             Rh = R + h * 2 * ORDER
             Th = T + h * 2 * ORDER
-            q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
-                        mask=in_q[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-            do = tl.load(DO + b * sdb + h * sdh + rows * sdm + offs_dv[None, :],
-                         mask=in_q[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+            q = tl.load(
+                Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :],
+                mask=in_q[:, None] & (offs_d < D)[None, :],
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * sdb + h * sdh + rows * sdm + offs_dv[None, :],
+                mask=in_q[:, None] & (offs_dv < DV)[None, :],
+                other=0.0,
+            )
             stat = Stats + (b * H + h) * Lq + offs_m
             m = tl.load(stat, mask=in_q, other=float("-inf")).to(ACC)
             log_l = tl.load(stat + B * H * Lq, mask=in_q, other=0.0).to(ACC)
@@ -456,12 +730,44 @@ if triton is not None:
             for start_n in range(0, kv_end, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 keys = offs_n.to(tl.int64)[:, None]
-                k = tl.load(K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
-                            mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-                v = tl.load(V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
-                            mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
-                s, z = _scores(q, k, b, h, offs_m, offs_n, Lq, Lk, scale, Bias, sbb, sbh, sbm, Mask, smb, smh, smm,
-                               Rh, Th, CAUSAL, MASK_KIND, HAS_BIAS, ORDER, ACC, DOT, WIDEN)  # fmt: skip
+                k = tl.load(
+                    K + b * skb + kvh * skh + keys * skn + offs_d[None, :],
+                    mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :],
+                    other=0.0,
+                )
+                v = tl.load(
+                    V + b * svb + kvh * svh + keys * svn + offs_dv[None, :],
+                    mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :],
+                    other=0.0,
+                )
+                s, z = _scores(
+                    q,
+                    k,
+                    b,
+                    h,
+                    offs_m,
+                    offs_n,
+                    Lq,
+                    Lk,
+                    scale,
+                    Bias,
+                    sbb,
+                    sbh,
+                    sbm,
+                    Mask,
+                    smb,
+                    smh,
+                    smm,
+                    Rh,
+                    Th,
+                    CAUSAL,
+                    MASK_KIND,
+                    HAS_BIAS,
+                    ORDER,
+                    ACC,
+                    DOT,
+                    WIDEN,
+                )
                 p = _probabilities(z, m, log_l)
                 dp = _dot(do, tl.trans(v), DOT, ACC, WIDEN)
                 if DROPOUT:
@@ -476,8 +782,11 @@ if triton is not None:
                     old = tl.load(ptr, mask=inside, other=0.0)
                     tl.store(ptr, (old + ds).to(DBias.dtype.element_ty), mask=inside)
                 dq += _dot_split(ds, k, DOT, ACC, WIDEN, SPLIT_DS)
-            tl.store(DQ + (b * H + h) * Lq * D + rows * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                     mask=in_q[:, None] & (offs_d < D)[None, :])  # fmt: skip
+            tl.store(
+                DQ + (b * H + h) * Lq * D + rows * D + offs_d[None, :],
+                (dq * scale).to(DQ.dtype.element_ty),
+                mask=in_q[:, None] & (offs_d < D)[None, :],
+            )
             tl.store(Partial + ((b * H + h) * N_QB + pid_m) * NS + offs_s, sums)
 
 
@@ -540,17 +849,40 @@ def _common(p: AttentionProblem) -> dict:
     widen = half and _INTERPRETED
     consts = torch.tensor([p.scale, 1.0 / (1.0 - p.dropout_p)], dtype=p.dtype, device=p.q.device)
     return dict(
-        tensors=(p.q, p.k, p.v, bias if bias is not None else dummy, mask if mask is not None else dummy,
-                 p.ranges_per_head, p.ts_per_head, consts),
-        strides=(*p.q.stride()[:3], *p.k.stride()[:3], *p.v.stride()[:3],
-                 *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
-                 *(mask.stride()[:3] if mask is not None else (0, 0, 0))),
-        flags=dict(CAUSAL=p.causal, MASK_KIND=0 if mask is None else (1 if mask.dtype == torch.bool else 2),
-                   HAS_BIAS=bias is not None, DROPOUT=p.dropout_p > 0, ORDER=p.order, ACC=acc, DOT=dot, WIDEN=widen,
-                   SPLIT_PV=half and PRECISION["split_pv"], SPLIT_DS=half and PRECISION["split_ds"],
-                   BLOCK_D=_pad(p.head_dim), BLOCK_DV=_pad(p.v_dim)),
-        seed=p.seed, threshold=dropout_threshold(p.dropout_p),
-    )  # fmt: skip
+        tensors=(
+            p.q,
+            p.k,
+            p.v,
+            bias if bias is not None else dummy,
+            mask if mask is not None else dummy,
+            p.ranges_per_head,
+            p.ts_per_head,
+            consts,
+        ),
+        strides=(
+            *p.q.stride()[:3],
+            *p.k.stride()[:3],
+            *p.v.stride()[:3],
+            *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
+            *(mask.stride()[:3] if mask is not None else (0, 0, 0)),
+        ),
+        flags=dict(
+            CAUSAL=p.causal,
+            MASK_KIND=0 if mask is None else (1 if mask.dtype == torch.bool else 2),
+            HAS_BIAS=bias is not None,
+            DROPOUT=p.dropout_p > 0,
+            ORDER=p.order,
+            ACC=acc,
+            DOT=dot,
+            WIDEN=widen,
+            SPLIT_PV=half and PRECISION["split_pv"],
+            SPLIT_DS=half and PRECISION["split_ds"],
+            BLOCK_D=_pad(p.head_dim),
+            BLOCK_DV=_pad(p.v_dim),
+        ),
+        seed=p.seed,
+        threshold=dropout_threshold(p.dropout_p),
+    )
 
 
 def _run(kernel, grid, *args, **kwargs) -> None:
@@ -564,10 +896,28 @@ def _launch_forward(p: AttentionProblem, launch=_run) -> tuple[torch.Tensor, tor
     block_m, block_n, warps, stages = _tiles(p, "forward")
     grid = (triton.cdiv(p.q_len, block_m), p.batch * p.heads)
     launch(
-        _fwd_kernel, grid, *c["tensors"], out, stats, *c["strides"], *out.stride()[:3],
-        p.batch, p.heads, p.n_rep, p.q_len, p.kv_len, p.head_dim, p.v_dim, c["seed"], c["threshold"],
-        **c["flags"], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        _fwd_kernel,
+        grid,
+        *c["tensors"],
+        out,
+        stats,
+        *c["strides"],
+        *out.stride()[:3],
+        p.batch,
+        p.heads,
+        p.n_rep,
+        p.q_len,
+        p.kv_len,
+        p.head_dim,
+        p.v_dim,
+        c["seed"],
+        c["threshold"],
+        **c["flags"],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out, stats
 
 
@@ -591,28 +941,74 @@ def _launch_backward(p, out, stats, dout, need_bias_grad, launch=_run):
     block_m, block_n, warps, stages = _tiles(p, "dkdv")
     grid = (triton.cdiv(p.kv_len, block_n), p.batch * p.kv_heads)
     launch(
-        _bwd_dkdv_kernel, grid, *c["tensors"], stats, delta, dout, dk, dv, *c["strides"], *do_strides,
-        p.batch, p.heads, p.kv_heads, p.n_rep, *sizes,
-        **c["flags"], BLOCK_M=block_m, BLOCK_N=block_n, NS=ns, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        _bwd_dkdv_kernel,
+        grid,
+        *c["tensors"],
+        stats,
+        delta,
+        dout,
+        dk,
+        dv,
+        *c["strides"],
+        *do_strides,
+        p.batch,
+        p.heads,
+        p.kv_heads,
+        p.n_rep,
+        *sizes,
+        **c["flags"],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NS=ns,
+        num_warps=warps,
+        num_stages=stages,
+    )
 
     block_m, block_n, warps, stages = _tiles(p, "dq")
     n_qb = triton.cdiv(p.q_len, block_m)
     partial = torch.zeros(p.batch, p.heads, n_qb, ns, dtype=torch.float64, device=device)
     group_b, group_h = p.batch // db, p.heads // dh
     launch(
-        _bwd_dq_kernel, (n_qb, db * dh), *c["tensors"], stats, delta, dout, dq, partial,
-        dbias if dbias is not None else dq, *c["strides"], *do_strides, p.batch, p.heads, p.n_rep, *sizes, dh, group_b,
-        group_h, n_qb,
-        **c["flags"], BIAS_GRAD=need_bias_grad, BLOCK_M=block_m, BLOCK_N=block_n, NS=ns,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        _bwd_dq_kernel,
+        (n_qb, db * dh),
+        *c["tensors"],
+        stats,
+        delta,
+        dout,
+        dq,
+        partial,
+        dbias if dbias is not None else dq,
+        *c["strides"],
+        *do_strides,
+        p.batch,
+        p.heads,
+        p.n_rep,
+        *sizes,
+        dh,
+        group_b,
+        group_h,
+        n_qb,
+        **c["flags"],
+        BIAS_GRAD=need_bias_grad,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NS=ns,
+        num_warps=warps,
+        num_stages=stages,
+    )
     sums = partial.sum((0, 2))[:, : 4 * p.order]
     return dq, dk, dv, sums, dbias
 
 
-_SIGNATURE_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
-                    torch.bool: "i1", torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
+_SIGNATURE_TYPES = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.bool: "i1",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | None = None) -> dict[str, dict]:
@@ -627,10 +1023,13 @@ def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | 
     if _INTERPRETED:
         raise RuntimeError("compile_offline needs the kernels imported without TRITON_INTERPRET=1")
     calls = []
-    _launch_backward(p, *_launch_forward(p, launch=lambda *a, **k: calls.append((a, k))),
-                     torch.zeros(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device),
-                     p.bias is not None if need_bias_grad is None else need_bias_grad,
-                     launch=lambda *a, **k: calls.append((a, k)))  # fmt: skip
+    _launch_backward(
+        p,
+        *_launch_forward(p, launch=lambda *a, **k: calls.append((a, k))),
+        torch.zeros(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device),
+        p.bias is not None if need_bias_grad is None else need_bias_grad,
+        launch=lambda *a, **k: calls.append((a, k)),
+    )
     target = GPUTarget("cuda", arch, 32)
     report = {}
     for (kernel, grid, *args), kwargs in calls:
@@ -650,8 +1049,11 @@ def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | 
             else:
                 signature[name] = "fp32"
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=target, options=options)
-        report[kernel.__name__] = {"shared": compiled.metadata.shared, "num_warps": options["num_warps"],
-                                   "tiles": (bound["BLOCK_M"], bound["BLOCK_N"])}  # fmt: skip
+        report[kernel.__name__] = {
+            "shared": compiled.metadata.shared,
+            "num_warps": options["num_warps"],
+            "tiles": (bound["BLOCK_M"], bound["BLOCK_N"]),
+        }
     return report
 
 

@@ -22,6 +22,10 @@ __all__ = [
 def set_trainer_output_clip(mode: str) -> None:
     """Deprecated: pass ``multimax_output_clip=mode`` to :class:`hf_multimax.MultiMaxTrainer` (or to
     :func:`hf_multimax.patch_trainer`). Sets the clipping mode of MultiMax trainers that were given none."""
-    warnings.warn("hf_multimax.training.set_trainer_output_clip is deprecated: pass multimax_output_clip= to "
-                  "hf_multimax.MultiMaxTrainer or hf_multimax.patch_trainer", FutureWarning, stacklevel=2)  # fmt: skip
+    warnings.warn(
+        "hf_multimax.training.set_trainer_output_clip is deprecated: pass multimax_output_clip= to "
+        "hf_multimax.MultiMaxTrainer or hf_multimax.patch_trainer",
+        FutureWarning,
+        stacklevel=2,
+    )
     set_default_output_clip(mode)

@@ -102,8 +102,10 @@ def _logit_count(owner: nn.Module) -> int:
     head's last linear layer."""
     linears = [m for m in owner.modules() if hasattr(m, "out_features") and isinstance(m.out_features, int)]
     if not linears:
-        raise ValueError(f"cannot tell the number of logits of the output head {type(owner).__name__}: it has no "
-                         "linear layer with `out_features`; use output_clip='separate' or 'global'")
+        raise ValueError(
+            f"cannot tell the number of logits of the output head {type(owner).__name__}: it has no "
+            "linear layer with `out_features`; use output_clip='separate' or 'global'"
+        )
     return linears[-1].out_features
 
 
@@ -133,8 +135,10 @@ def clip_grad_norm_(
     heads = [found for found in registry.parameter_modules(model) if found.role == "output"]
     output = set(output_multimax_parameter_names(model))
     params = dict(model.named_parameters())
-    if not output and any(getattr(m, OUTPUT_HOOK, None) is not None for m in model.modules()) and any(
-        "_flat_param" in name for name in params
+    if (
+        not output
+        and any(getattr(m, OUTPUT_HOOK, None) is not None for m in model.modules())
+        and any("_flat_param" in name for name in params)
     ):
         raise ValueError(
             "clip_grad_norm_ needs the output-layer MultiMax parameters by name, but this FSDP model flattens them "

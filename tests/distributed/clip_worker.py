@@ -27,9 +27,18 @@ from hf_multimax.training import OUTPUT_CLIP_MODES
 
 def build() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         multimax_init="paper", multimax_output=True, multimax_per_head=True)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        multimax_init="paper",
+        multimax_output=True,
+        multimax_per_head=True,
+    )
     model = LlamaForCausalLM._from_config(config, attn_implementation="multimax")
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # large logits: the output σ gradient dominates, as in a trained LM
@@ -39,8 +48,9 @@ def build() -> LlamaForCausalLM:
 def shard(model: LlamaForCausalLM, version: int):
     if version == 1:
         policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
-        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
-                                        device_id=torch.device("cpu"))
+        return FullyShardedDataParallel(
+            model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
+        )
     for layer in model.model.layers:
         fully_shard(layer)
     return fully_shard(model)
@@ -83,9 +93,11 @@ def main() -> None:
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # over every rank's whole gradients
             grad_diff = worst.item()
             report[f"fsdp{version}_{mode}"] = {
-                "norm": float(norm), "expected_norm": float(expected_norm),
+                "norm": float(norm),
+                "expected_norm": float(expected_norm),
                 "norm_rel_diff": abs(float(norm) - float(expected_norm)) / float(expected_norm),
-                "grad_max_abs_diff": grad_diff, "multimax_grads_compared_all_ranks": int(counts),
+                "grad_max_abs_diff": grad_diff,
+                "multimax_grads_compared_all_ranks": int(counts),
             }
     # FSDP1 without original parameters hides the output head's σ parameters in flat parameters: clipping says so.
     model = FullyShardedDataParallel(build(), use_orig_params=False, device_id=torch.device("cpu"))

@@ -31,9 +31,12 @@ def plugin_from_config(path: Path) -> FullyShardedDataParallelPlugin:
     """The plugin ``accelerate launch --config_file PATH`` would build (the ``fsdp_`` keys without their prefix)."""
     fsdp = load_config_from_file(str(path)).fsdp_config
     return FullyShardedDataParallelPlugin(
-        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
-        reshard_after_forward=fsdp["fsdp_reshard_after_forward"], state_dict_type=fsdp["fsdp_state_dict_type"],
-        cpu_offload=fsdp["fsdp_offload_params"], cpu_ram_efficient_loading=fsdp["fsdp_cpu_ram_efficient_loading"],
+        fsdp_version=fsdp["fsdp_version"],
+        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
+        state_dict_type=fsdp["fsdp_state_dict_type"],
+        cpu_offload=fsdp["fsdp_offload_params"],
+        cpu_ram_efficient_loading=fsdp["fsdp_cpu_ram_efficient_loading"],
         activation_checkpointing=fsdp["fsdp_activation_checkpointing"],
     )
 

@@ -24,8 +24,14 @@ TARGET = "model.layers.1.self_attn.multimax.multimax_ts"
 def main(path: str) -> None:
     accelerator = Accelerator(cpu=launched_without_accelerator())
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = accelerator.prepare(LlamaForCausalLM._from_config(config, attn_implementation="multimax"))
     report = {"num_processes": accelerator.num_processes, "before": replica_divergence(accelerator, model)}
     target = accelerator.unwrap_model(model).get_parameter(TARGET)

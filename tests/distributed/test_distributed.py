@@ -32,20 +32,37 @@ from scripts import ROOT, load_example, load_module, reset_accelerate_state
 WORKERS = Path(__file__).resolve().parent
 
 pytestmark = [
-    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                       reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
     pytest.mark.usefixtures("fresh_accelerate_state"),
 ]
 
 #: A few optimizer steps of each example script on its embedded data, global batch 8 (non-identity σ; output-layer
 #: MultiMax on the LM and the ViT). Translation batches are padded: equal results need the token-weighted loss.
 SCRIPT_ARGS = {
-    "run_clm": ["--max_train_samples", "300", "--block_size", "32", "--max_eval_samples", "40",
-                "--multimax_output", "true"],
-    "run_translation": ["--max_train_samples", "200", "--max_eval_samples", "8", "--num_beams", "2",
-                        "--max_target_length", "16"],
-    "run_image_classification": ["--max_train_samples", "256", "--max_eval_samples", "64",
-                                 "--multimax_output", "true"],
+    "run_clm": [
+        "--max_train_samples",
+        "300",
+        "--block_size",
+        "32",
+        "--max_eval_samples",
+        "40",
+        "--multimax_output",
+        "true",
+    ],
+    "run_translation": [
+        "--max_train_samples",
+        "200",
+        "--max_eval_samples",
+        "8",
+        "--num_beams",
+        "2",
+        "--max_target_length",
+        "16",
+    ],
+    "run_image_classification": ["--max_train_samples", "256", "--max_eval_samples", "64", "--multimax_output", "true"],
 }
 COMMON_ARGS = ["--max_train_steps", "4", "--eval_strategy", "end", "--multimax_init", "paper", "--seed", "3"]
 CLM_ARGS = [*COMMON_ARGS, *SCRIPT_ARGS["run_clm"]]
@@ -57,8 +74,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, script: Path, *args: str, config_file: Path | None = None,
-           num_processes: int = 2) -> subprocess.CompletedProcess:
+def launch(
+    launcher: str, script: Path, *args: str, config_file: Path | None = None, num_processes: int = 2
+) -> subprocess.CompletedProcess:
     """Run ``script`` as ``num_processes`` processes with ``accelerate launch`` or ``torchrun``; fail with its output
     on error.
 
@@ -69,17 +87,38 @@ def launch(launcher: str, script: Path, *args: str, config_file: Path | None = N
         port = str(free_port())
         if launcher == "accelerate":
             where = ["--config_file", str(config_file)] if config_file else ["--multi_gpu", "--num_machines", "1"]
-            command = [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes",
-                       str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
-                       "--num_cpu_threads_per_process", "1", "--main_process_port", port]
+            command = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                *where,
+                "--num_processes",
+                str(num_processes),
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--num_cpu_threads_per_process",
+                "1",
+                "--main_process_port",
+                port,
+            ]
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
-                       "--master_port", port]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(num_processes),
+                "--master_port",
+                port,
+            ]
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         if config_file is None and torch.cuda.is_available():  # CPU processes over gloo there too; on a machine
             env["ACCELERATE_USE_CPU"] = "true"  # without GPUs the scripts' own detection has to make them so
-        done = subprocess.run([*command, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [*command, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
         if done.returncode == 0 or "address already in use" not in done.stderr.lower() or attempt:
             break
     assert done.returncode == 0, f"{launcher} run failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
@@ -92,8 +131,9 @@ def run_single_process(script: str, out: Path) -> Path:
     if torch.cuda.is_available():
         os.environ["ACCELERATE_USE_CPU"] = "true"
     try:
-        load_example(script).main(["--output_dir", str(out), "--per_device_train_batch_size", "8",
-                                   *COMMON_ARGS, *SCRIPT_ARGS[script]])
+        load_example(script).main(
+            ["--output_dir", str(out), "--per_device_train_batch_size", "8", *COMMON_ARGS, *SCRIPT_ARGS[script]]
+        )
     finally:
         reset_accelerate_state()
         if previous is None:
@@ -134,15 +174,25 @@ def assert_same_lm(parallel: Path, single: Path) -> None:
     """Both folders reload as MultiMax models that compute the same thing."""
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = [AutoModelForCausalLM.from_pretrained(path, attn_implementation="multimax")(input_ids=ids).logits
-                  for path in (parallel, single)]
+        logits = [
+            AutoModelForCausalLM.from_pretrained(path, attn_implementation="multimax")(input_ids=ids).logits
+            for path in (parallel, single)
+        ]
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
 def test_ddp_run_clm_matches_single_process(single_process_clm, tmp_path):
     out = tmp_path / "ddp"
-    launch("accelerate", ROOT / "examples" / "run_clm.py", "--output_dir", str(out),
-           "--per_device_train_batch_size", "4", "--check_replicas", *CLM_ARGS)
+    launch(
+        "accelerate",
+        ROOT / "examples" / "run_clm.py",
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "4",
+        "--check_replicas",
+        *CLM_ARGS,
+    )
     assert_same_training(out, single_process_clm, "MULTI_CPU")
     assert_same_lm(out, single_process_clm)
 
@@ -151,8 +201,17 @@ def test_ddp_run_clm_matches_single_process(single_process_clm, tmp_path):
 def test_ddp_scripts_match_single_process(script, tmp_path):
     single = run_single_process(script, tmp_path / "single")
     out = tmp_path / "ddp"
-    launch("accelerate", ROOT / "examples" / f"{script}.py", "--output_dir", str(out),
-           "--per_device_train_batch_size", "4", "--check_replicas", *COMMON_ARGS, *SCRIPT_ARGS[script])
+    launch(
+        "accelerate",
+        ROOT / "examples" / f"{script}.py",
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "4",
+        "--check_replicas",
+        *COMMON_ARGS,
+        *SCRIPT_ARGS[script],
+    )
     assert_same_training(out, single, "MULTI_CPU")
 
 
@@ -180,9 +239,18 @@ def test_fsdp_plugin_on_gpus(config, single_process_clm, tmp_path):
     """The shipped FSDP configs with Accelerate's own launcher on up to two GPUs (one process per GPU), float32."""
     processes = min(2, torch.cuda.device_count())
     out = tmp_path / config
-    launch("accelerate", ROOT / "examples" / "run_clm.py", "--output_dir", str(out),
-           "--per_device_train_batch_size", str(8 // processes), "--check_replicas", *CLM_ARGS,
-           config_file=ROOT / "examples" / "accelerate_configs" / f"{config}.yaml", num_processes=processes)
+    launch(
+        "accelerate",
+        ROOT / "examples" / "run_clm.py",
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        str(8 // processes),
+        "--check_replicas",
+        *CLM_ARGS,
+        config_file=ROOT / "examples" / "accelerate_configs" / f"{config}.yaml",
+        num_processes=processes,
+    )
     got = json.loads((out / "all_results.json").read_text())
     assert got["distributed_type"] == "FSDP" and got["num_processes"] == processes
     assert got["replica_check"] == {"steps": 4, "max_abs_diff": 0.0}
@@ -196,7 +264,10 @@ def test_accelerate_configs_are_valid():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    configs = {path.stem: load_config_from_file(str(path)) for path in (ROOT / "examples" / "accelerate_configs").glob("*.yaml")}
+    configs = {
+        path.stem: load_config_from_file(str(path))
+        for path in (ROOT / "examples" / "accelerate_configs").glob("*.yaml")
+    }
     assert set(configs) == {"multi_gpu", "multi_node", "fsdp1", "fsdp2"}
     assert configs["multi_gpu"].distributed_type == configs["multi_node"].distributed_type == DistributedType.MULTI_GPU
     assert configs["multi_node"].num_machines > 1 and configs["multi_node"].main_process_ip
@@ -208,10 +279,17 @@ def test_accelerate_configs_are_valid():
 
 
 def test_trainer_ddp_matches_single_process(tmp_path):
-    launch("accelerate", WORKERS / "trainer_worker.py", "--output_dir", str(tmp_path / "ddp"),
-           "--per_device_train_batch_size", "4")
-    load_module(WORKERS / "trainer_worker.py").main(["--output_dir", str(tmp_path / "single"),
-                                                     "--per_device_train_batch_size", "8"])
+    launch(
+        "accelerate",
+        WORKERS / "trainer_worker.py",
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--per_device_train_batch_size",
+        "4",
+    )
+    load_module(WORKERS / "trainer_worker.py").main(
+        ["--output_dir", str(tmp_path / "single"), "--per_device_train_batch_size", "8"]
+    )
     ddp = json.loads((tmp_path / "ddp" / "worker.json").read_text())
     single = json.loads((tmp_path / "single" / "worker.json").read_text())
     assert (ddp["world_size"], single["world_size"]) == (2, 1)

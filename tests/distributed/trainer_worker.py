@@ -47,16 +47,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=32,
-                         multimax_output=True)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        multimax_output=True,
+    )
     model = LlamaForCausalLM._from_config(config, attn_implementation="multimax")
     blocks = torch.randint(0, 64, (64, 32), generator=torch.Generator().manual_seed(1))
     dataset = [{"input_ids": b, "labels": b} for b in blocks]
     training_args = TrainingArguments(
-        output_dir=args.output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
-        max_steps=args.max_steps, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0, logging_steps=1,
-        save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_steps=args.max_steps,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
         use_cpu=launched_without_accelerator(),  # Trainer forms a gloo process group on CPUs only when told so
         ddp_find_unused_parameters=False,  # a parameter without a gradient would stop DDP with an error
     )

@@ -25,10 +25,14 @@ from hf_multimax.cli import main
 
 def hand_built():
     """Two heads, two queries, four keys."""
-    return torch.tensor([[
-        [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]],
-        [[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]],
-    ]])
+    return torch.tensor(
+        [
+            [
+                [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]],
+                [[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]],
+            ]
+        ]
+    )
 
 
 def test_metrics_on_a_hand_built_map():
@@ -68,9 +72,18 @@ def test_token_similarity():
 
 
 def llama(attn_implementation, **flags):
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, pad_token_id=0,
-                         initializer_range=0.2, **flags)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        initializer_range=0.2,
+        **flags,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
 
@@ -137,8 +150,12 @@ def test_analyze_language_models_side_by_side(tmp_path, tokenizer):
     softmax = save_lm(tmp_path / "sdpa", "sdpa", tokenizer)
     out = tmp_path / "out"
     summary = analysis.analyze([multimax, softmax], out, num_samples=3, max_length=24)
-    assert set(summary["images"]) == {"attention_histograms.png", "attention_metrics.png", "modulators_multimax.png",
-                                      "simplex.png"}
+    assert set(summary["images"]) == {
+        "attention_histograms.png",
+        "attention_metrics.png",
+        "modulators_multimax.png",
+        "simplex.png",
+    }
     for name in summary["images"]:
         assert_png(out / name)
     saved = json.loads((out / "summary.json").read_text())
@@ -156,8 +173,17 @@ def test_analyze_language_models_side_by_side(tmp_path, tokenizer):
 def test_analyze_command_on_vision_models(tmp_path, capsys):
     paths = []
     for implementation in ("multimax", "sdpa"):
-        config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=8, patch_size=2, num_channels=3, num_labels=10, initializer_range=0.2)
+        config = ViTConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=8,
+            patch_size=2,
+            num_channels=3,
+            num_labels=10,
+            initializer_range=0.2,
+        )
         torch.manual_seed(0)
         model = AutoModelForImageClassification.from_config(config, attn_implementation=implementation)
         path = tmp_path / implementation
@@ -165,11 +191,19 @@ def test_analyze_command_on_vision_models(tmp_path, capsys):
         data.build_image_processor(8).save_pretrained(path)
         paths.append(str(path))
     out = tmp_path / "vit_out"
-    assert main(["analyze", *paths, "--output_dir", str(out), "--num_samples", "4", "--labels", "MultiMax", "SoftMax"]) == 0
+    assert (
+        main(["analyze", *paths, "--output_dir", str(out), "--num_samples", "4", "--labels", "MultiMax", "SoftMax"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "## Overview" in printed and "| MultiMax | multimax |" in printed
-    for name in ("attention_histograms.png", "attention_metrics.png", "patch_similarity.png", "simplex.png",
-                 "modulators_MultiMax.png"):
+    for name in (
+        "attention_histograms.png",
+        "attention_metrics.png",
+        "patch_similarity.png",
+        "simplex.png",
+        "modulators_MultiMax.png",
+    ):
         assert_png(out / name)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["models"][0]["kind"] == "vision" and len(saved["models"][0]["token_similarity"]) == 3

@@ -17,9 +17,18 @@ from hf_multimax.masking import safe_softmax
 
 
 def llama(implementation: str):
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=64, pad_token_id=0,
-                         initializer_range=0.2, multimax_init="paper")  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        initializer_range=0.2,
+        multimax_init="paper",
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
     if implementation == "multimax":  # a σ far from the identity, so that scores and σ(scores) differ
@@ -67,8 +76,9 @@ def test_t5_scores_include_the_position_bias():
     ids = torch.randint(2, 100, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
-    maps, _ = collect_attention(model, {"input_ids": ids, "attention_mask": mask,
-                                        "decoder_input_ids": torch.randint(2, 100, (2, 5))})  # fmt: skip
+    maps, _ = collect_attention(
+        model, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(2, 100, (2, 5))}
+    )
     assert len(maps) == 6  # 2 encoder, 2 decoder self, 2 cross attention
     for attention in maps:
         expected = safe_softmax(attention.scores.masked_fill(~attention.valid, float("-inf")))

@@ -15,17 +15,48 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 CASES = {
-    "bench_attention": ["--seq", "64", "--repeats", "1", "--no-memory", "--profile-seq", "0",
-                        "--impls", "sdpa", "multimax"],
-    "bench_train_step": ["--seq", "32", "--repeats", "1", "--layers", "1", "--hidden", "64",
-                         "--intermediate", "128", "--vocab", "128", "--decode-cache", "16", "--impls", "sdpa", "multimax"],
+    "bench_attention": [
+        "--seq",
+        "64",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--profile-seq",
+        "0",
+        "--impls",
+        "sdpa",
+        "multimax",
+    ],
+    "bench_train_step": [
+        "--seq",
+        "32",
+        "--repeats",
+        "1",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--vocab",
+        "128",
+        "--decode-cache",
+        "16",
+        "--impls",
+        "sdpa",
+        "multimax",
+    ],
     "bench_output_layer": ["--tokens", "16", "--vocab", "300", "--hidden", "16", "--repeats", "1", "--no-memory"],
-}  # fmt: skip
+}
 
 
 def run(script: str, args: list[str], out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("script", list(CASES))
@@ -56,8 +87,10 @@ def test_bad_flag_is_one_argparse_error(tmp_path):
     assert proc.returncode == 2 and "--decode-cache must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("script,flag", [("bench_attention", "--seq"), ("bench_output_layer", "--chunk-size"),
-                                         ("bench_train_step", "--layers")])  # fmt: skip
+@pytest.mark.parametrize(
+    "script,flag",
+    [("bench_attention", "--seq"), ("bench_output_layer", "--chunk-size"), ("bench_train_step", "--layers")],
+)
 def test_sizes_below_one_are_refused(script, flag, tmp_path):
     proc = run(script, [flag, "0"], tmp_path)
     assert proc.returncode == 2 and f"{flag} must be >= 1" in proc.stderr and "Traceback" not in proc.stderr

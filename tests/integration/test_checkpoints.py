@@ -17,9 +17,24 @@ from safetensors.torch import load_file
 from hf_multimax.finetune.loop import CheckpointError
 from scripts import EXAMPLES, ROOT, load_example
 
-COMMON = ["--max_train_samples", "300", "--block_size", "32", "--max_eval_samples", "20", "--max_train_steps", "6",
-          "--per_device_train_batch_size", "4", "--multimax_init", "paper", "--eval_strategy", "end",
-          "--checkpointing_steps", "2"]  # fmt: skip
+COMMON = [
+    "--max_train_samples",
+    "300",
+    "--block_size",
+    "32",
+    "--max_eval_samples",
+    "20",
+    "--max_train_steps",
+    "6",
+    "--per_device_train_batch_size",
+    "4",
+    "--multimax_init",
+    "paper",
+    "--eval_strategy",
+    "end",
+    "--checkpointing_steps",
+    "2",
+]
 
 #: run_clm.py, killed (SIGKILL, no cleanup) in the middle of writing its step_4 checkpoint: after Accelerate has
 #: written the model and optimizer, before the loop state.
@@ -46,8 +61,14 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp
     out = tmp_path / "run"
     script = tmp_path / "killed.py"
     script.write_text(textwrap.dedent(KILLED_WHILE_SAVING.format(examples=str(EXAMPLES))))
-    done = subprocess.run([sys.executable, str(script), *COMMON, "--output_dir", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), *COMMON, "--output_dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert "step_2" in names and "step_4" not in names  # the half-written one is not under its name
@@ -83,6 +104,6 @@ def test_an_explicitly_named_broken_checkpoint_is_one_clear_error(tmp_path):
 
 def test_latest_with_only_broken_checkpoints_says_so(tmp_path):
     (tmp_path / "step_2").mkdir()
-    (tmp_path / "step_2" / "training_state.json").write_text("{\"completed_steps\": 2")
+    (tmp_path / "step_2" / "training_state.json").write_text('{"completed_steps": 2')
     with pytest.raises(FileNotFoundError, match=r"no complete step_N or epoch_N checkpoint .* incomplete: step_2"):
         load_example("run_clm").main([*COMMON, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])

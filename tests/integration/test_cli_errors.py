@@ -29,8 +29,15 @@ def assert_one_error_line(code, err, *words):
 def llama_without_tokenizer(tmp_path_factory):
     """A MultiMax Llama saved with ``save_pretrained`` alone, as most training code saves it."""
     path = tmp_path_factory.mktemp("models") / "llama"
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=400, max_position_embeddings=128)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=400,
+        max_position_embeddings=128,
+    )
     AutoModelForCausalLM.from_config(config, attn_implementation="multimax").save_pretrained(path)
     return path
 
@@ -38,8 +45,16 @@ def llama_without_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_without_processor(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "vit"
-    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=8,
-                       patch_size=2, num_channels=3, num_labels=10)
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=8,
+        patch_size=2,
+        num_channels=3,
+        num_labels=10,
+    )
     AutoModelForImageClassification.from_config(config, attn_implementation="multimax").save_pretrained(path)
     return path
 
@@ -95,8 +110,18 @@ def test_info_with_an_unknown_option_is_a_usage_error(capsys):
 
 def test_analyze_a_model_saved_without_its_tokenizer(capsys, caplog, tmp_path, llama_without_tokenizer):
     with caplog.at_level(logging.WARNING, logger="hf_multimax"):
-        code = main(["analyze", str(llama_without_tokenizer), "--output_dir", str(tmp_path / "out"),
-                     "--num_samples", "2", "--max_length", "16"])  # fmt: skip
+        code = main(
+            [
+                "analyze",
+                str(llama_without_tokenizer),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--num_samples",
+                "2",
+                "--max_length",
+                "16",
+            ]
+        )
     assert code == 0
     said = [r.getMessage() for r in caplog.records if "has no tokenizer" in r.getMessage()]
     assert len(said) == 1 and "byte-level BPE" in said[0] and "--tokenizer NAME_OR_PATH" in said[0]
@@ -105,8 +130,14 @@ def test_analyze_a_model_saved_without_its_tokenizer(capsys, caplog, tmp_path, l
 
 def test_analyze_a_tiny_vocabulary_falls_back_to_random_ids(capsys, caplog, tmp_path):
     path = tmp_path / "tiny"
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     AutoModelForCausalLM.from_config(config, attn_implementation="multimax").save_pretrained(path)
     with caplog.at_level(logging.WARNING, logger="hf_multimax"):
         assert main(["analyze", str(path), "--output_dir", str(tmp_path / "out"), "--num_samples", "2"]) == 0
@@ -115,16 +146,25 @@ def test_analyze_a_tiny_vocabulary_falls_back_to_random_ids(capsys, caplog, tmp_
 
 
 def test_analyze_with_a_tokenizer_that_does_not_load(capsys, tmp_path, llama_without_tokenizer):
-    code, err = run(capsys, "analyze", str(llama_without_tokenizer), "--tokenizer", str(tmp_path / "nowhere"),
-                    "--output_dir", str(tmp_path / "out"))  # fmt: skip
+    code, err = run(
+        capsys,
+        "analyze",
+        str(llama_without_tokenizer),
+        "--tokenizer",
+        str(tmp_path / "nowhere"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert_one_error_line(code, err, "--tokenizer", "not a folder")
     assert not (tmp_path / "out").exists()
 
 
 def test_analyze_a_vision_model_saved_without_its_image_processor(capsys, caplog, tmp_path, vit_without_processor):
     with caplog.at_level(logging.WARNING, logger="hf_multimax"):
-        assert main(["analyze", str(vit_without_processor), "--output_dir", str(tmp_path / "out"),
-                     "--num_samples", "2"]) == 0  # fmt: skip
+        assert (
+            main(["analyze", str(vit_without_processor), "--output_dir", str(tmp_path / "out"), "--num_samples", "2"])
+            == 0
+        )
     assert any("has no image processor" in r.getMessage() for r in caplog.records)
     code, err = run(capsys, "analyze", str(vit_without_processor), "--image_dir", str(tmp_path / "no_images"))
     assert_one_error_line(code, err, "--image_dir", "not a folder")
@@ -133,8 +173,19 @@ def test_analyze_a_vision_model_saved_without_its_image_processor(capsys, caplog
 
 
 def test_push_a_model_saved_without_its_tokenizer(capsys, tmp_path, llama_without_tokenizer):
-    assert main(["push", str(llama_without_tokenizer), "someone/llama-multimax", "--dry-run",
-                 "--local-dir", str(tmp_path / "hub")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "push",
+                str(llama_without_tokenizer),
+                "someone/llama-multimax",
+                "--dry-run",
+                "--local-dir",
+                str(tmp_path / "hub"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "hub" / "README.md").is_file() and (tmp_path / "hub" / "model.safetensors").is_file()
     assert "AutoTokenizer" not in (tmp_path / "hub" / "README.md").read_text()  # the card promises no tokenizer
 
@@ -149,13 +200,13 @@ def run_script(*argv):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(root / argv[0]), *argv[1:]], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(root / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stderr
 
 
-@pytest.mark.parametrize("script", ["examples/run_clm.py", "examples/run_translation.py",
-                                    "examples/run_image_classification.py"])  # fmt: skip
+@pytest.mark.parametrize(
+    "script", ["examples/run_clm.py", "examples/run_translation.py", "examples/run_image_classification.py"]
+)
 def test_script_with_a_wrong_path_is_one_error_line(script, tmp_path):
     flag = "--train_file"
     code, err = run_script(script, flag, str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out"))
@@ -165,13 +216,21 @@ def test_script_with_a_wrong_path_is_one_error_line(script, tmp_path):
 
 
 def test_script_on_a_model_without_its_tokenizer_names_the_flag(llama_without_tokenizer, tmp_path):
-    code, err = run_script("examples/run_clm.py", "--model_name_or_path", str(llama_without_tokenizer),
-                           "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1")  # fmt: skip
+    code, err = run_script(
+        "examples/run_clm.py",
+        "--model_name_or_path",
+        str(llama_without_tokenizer),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_train_steps",
+        "1",
+    )
     assert code == 2 and "Traceback" not in err, err
     assert "--tokenizer_name" in err
 
 
 def test_recipes_jsonl_with_a_missing_file_is_one_error_line(tmp_path):
-    code, err = run_script("examples/recipes/recipes.py", "jsonl", str(tmp_path / "train.de"),
-                           str(tmp_path / "train.en"), "de", "en")  # fmt: skip
+    code, err = run_script(
+        "examples/recipes/recipes.py", "jsonl", str(tmp_path / "train.de"), str(tmp_path / "train.en"), "de", "en"
+    )
     assert code == 2 and "Traceback" not in err and "train.de" in err, err

@@ -28,8 +28,23 @@ def assert_png(path):
 
 def test_two_seeds_two_implementations_results_contract(tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = cli.main(["compare", "--task", "vit", "--seeds", "2", "--max_train_steps", "2", "--output_dir", str(out),
-                     "--multimax_init", "identity", "--script_args", TINY_VIT])
+    code = cli.main(
+        [
+            "compare",
+            "--task",
+            "vit",
+            "--seeds",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--output_dir",
+            str(out),
+            "--multimax_init",
+            "identity",
+            "--script_args",
+            TINY_VIT,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| sdpa | 2 |" in printed and "| multimax | 2 |" in printed and "accuracy ↑" in printed
@@ -37,12 +52,23 @@ def test_two_seeds_two_implementations_results_contract(tmp_path, capsys):
 
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
-    assert [(r["implementation"], r["seed"]) for r in runs] == [("sdpa", 0), ("multimax", 0), ("sdpa", 1), ("multimax", 1)]
+    assert [(r["implementation"], r["seed"]) for r in runs] == [
+        ("sdpa", 0),
+        ("multimax", 0),
+        ("sdpa", 1),
+        ("multimax", 1),
+    ]
     for run in runs:
         assert {"implementation", "seed", "train_loss", "metrics", "time_per_step"} <= set(run)
         assert "error" not in run and run["steps"] == 2 and len(run["losses"]) == 2
-        assert {"eval_loss", "accuracy", "attention_sparsity", "attention_entropy", "paper_multimodality",
-                "paper_sparsity"} <= set(run["metrics"])
+        assert {
+            "eval_loss",
+            "accuracy",
+            "attention_sparsity",
+            "attention_entropy",
+            "paper_multimodality",
+            "paper_sparsity",
+        } <= set(run["metrics"])
         assert (out / run["implementation"] / f"seed_{run['seed']}" / "model.safetensors").is_file()
     names = {"train_loss", "time_per_step"} | set(runs[0]["metrics"])
     for implementation in ("sdpa", "multimax"):
@@ -79,8 +105,12 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(tmp_path):
     model = run_dir(out, "sdpa", 0) / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     second = compare("vit", out, seeds=[0, 1], resume=True, **kwargs)
-    assert [(r["implementation"], r["seed"]) for r in second["runs"]] == [("sdpa", 0), ("multimax", 0), ("sdpa", 1),
-                                                                          ("multimax", 1)]
+    assert [(r["implementation"], r["seed"]) for r in second["runs"]] == [
+        ("sdpa", 0),
+        ("multimax", 0),
+        ("sdpa", 1),
+        ("multimax", 1),
+    ]
     assert model.stat().st_mtime_ns == stamp  # seed 0 was not trained again
     assert second["runs"][0] == first["runs"][0]
     assert run_dir(out, "multimax", 1).is_dir()
@@ -99,8 +129,25 @@ def test_a_failed_implementation_is_reported_and_the_others_finish(tmp_path, cap
     AttentionInterface.register("nan_for_test", nan_attention)
     try:
         out = tmp_path / "cmp"
-        code = cli.main(["compare", "--task", "vit", "--seeds", "2", "--max_train_steps", "1", "--no_analysis",
-                         "--implementations", "sdpa", "nan_for_test", "--output_dir", str(out), "--script_args", TINY_VIT])
+        code = cli.main(
+            [
+                "compare",
+                "--task",
+                "vit",
+                "--seeds",
+                "2",
+                "--max_train_steps",
+                "1",
+                "--no_analysis",
+                "--implementations",
+                "sdpa",
+                "nan_for_test",
+                "--output_dir",
+                str(out),
+                "--script_args",
+                TINY_VIT,
+            ]
+        )
     finally:
         AttentionInterface._global_mapping.pop("nan_for_test", None)
     assert code == 0
@@ -114,9 +161,26 @@ def test_a_failed_implementation_is_reported_and_the_others_finish(tmp_path, cap
 def test_the_papers_comparators_in_one_run_and_multimax_only_flags(tmp_path, capsys):
     out = tmp_path / "lm"
     implementations = ["sdpa", "multimax", "sparsemax", "entmax15", "entmax_alpha", "evsoftmax"]
-    code = cli.main(["compare", "--task", "lm", "--max_train_steps", "1", "--output_dir", str(out), "--no_analysis",
-                     "--implementations", *implementations, "--multimax_order", "3", "--multimax_learning_rate", "0.5",
-                     "--script_args", "--max_train_samples 120 --block_size 32"])
+    code = cli.main(
+        [
+            "compare",
+            "--task",
+            "lm",
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            str(out),
+            "--no_analysis",
+            "--implementations",
+            *implementations,
+            "--multimax_order",
+            "3",
+            "--multimax_learning_rate",
+            "0.5",
+            "--script_args",
+            "--max_train_samples 120 --block_size 32",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     for name in implementations:
@@ -128,20 +192,32 @@ def test_the_papers_comparators_in_one_run_and_multimax_only_flags(tmp_path, cap
     assert settings["multimax"]["multimax_order"] == 3 and settings["multimax"]["multimax_learning_rate"] == 0.5
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--seed_list", "3", "-1"], "--seed_list: seeds must be >= 0"),
-    (["--seed_list", "3", "3"], "--seed_list lists [3] more than once"),
-    (["--implementations"], "--implementations needs at least one"),
-    (["--implementations", "sdpa", "softermax"], "--implementations: unknown attention implementation(s) ['softermax']"),
-    (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
-    (["--multimax_order", "0"], "multimax_order"),
-    (["--script_args", "--no_such_flag 1"], "--script_args"),
-    (["--script_args", "--max_train_steps 900"], "--script_args sets --max_train_steps, which compare sets for each run; "
-                                                 "use compare's --max_train_steps instead"),
-    (["--script_args", "--seed 3 --multimax_learning_rate 0.1"], "--script_args sets --multimax_learning_rate, --seed"),
-    (["--script_args=--group_by_length"], "--script_args '--group_by_length' are not flags of the vit"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--seed_list", "3", "-1"], "--seed_list: seeds must be >= 0"),
+        (["--seed_list", "3", "3"], "--seed_list lists [3] more than once"),
+        (["--implementations"], "--implementations needs at least one"),
+        (
+            ["--implementations", "sdpa", "softermax"],
+            "--implementations: unknown attention implementation(s) ['softermax']",
+        ),
+        (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
+        (["--multimax_order", "0"], "multimax_order"),
+        (["--script_args", "--no_such_flag 1"], "--script_args"),
+        (
+            ["--script_args", "--max_train_steps 900"],
+            "--script_args sets --max_train_steps, which compare sets for each run; "
+            "use compare's --max_train_steps instead",
+        ),
+        (
+            ["--script_args", "--seed 3 --multimax_learning_rate 0.1"],
+            "--script_args sets --multimax_learning_rate, --seed",
+        ),
+        (["--script_args=--group_by_length"], "--script_args '--group_by_length' are not flags of the vit"),
+    ],
+)
 def test_bad_input_is_one_error_line_before_any_training(tmp_path, capsys, flags, message):
     out = tmp_path / "never"
     assert cli.main(["compare", "--task", "vit", "--output_dir", str(out), *flags]) == 2
@@ -158,12 +234,22 @@ def test_compare_rejects_unknown_task():
 def test_identity_multimax_loads_and_trains_like_softmax_from_the_same_seed(tmp_path):
     """The MultiMax model of a run reloads as MultiMax; its σ parameters are the saved ones."""
     out = tmp_path / "cmp"
-    compare("vit", out, implementations=["multimax"], seeds=[3], max_train_steps=1, analysis=False,
-            multimax_flags={"multimax_init": "paper"}, script_argv=TINY_VIT.split())
+    compare(
+        "vit",
+        out,
+        implementations=["multimax"],
+        seeds=[3],
+        max_train_steps=1,
+        analysis=False,
+        multimax_flags={"multimax_init": "paper"},
+        script_argv=TINY_VIT.split(),
+    )
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(run_dir(out, "multimax", 3), attn_implementation="multimax")
-    saved = {k: v for k, v in load_file(run_dir(out, "multimax", 3) / "model.safetensors").items() if "multimax_ts" in k}
+    saved = {
+        k: v for k, v in load_file(run_dir(out, "multimax", 3) / "model.safetensors").items() if "multimax_ts" in k
+    }
     loaded = {n: s.multimax_ts.detach() for n, s in hf_multimax.multimax_modules(model).items()}
     assert len(saved) == len(loaded) == 2
     assert sorted(t.tolist() for t in loaded.values()) == sorted(t.tolist() for t in saved.values())

@@ -22,12 +22,21 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 #: script, flags that keep a run to a few seconds, auto class that reloads the result, metric reported.
 SCRIPTS = {
-    "run_clm": (["--max_train_samples", "300", "--block_size", "32", "--max_eval_samples", "40"],
-                "AutoModelForCausalLM", "perplexity"),
-    "run_translation": (["--max_train_samples", "200", "--max_eval_samples", "8", "--num_beams", "2",
-                         "--max_target_length", "16"], "AutoModelForSeq2SeqLM", "bleu"),
-    "run_image_classification": (["--max_train_samples", "256", "--max_eval_samples", "64"],
-                                 "AutoModelForImageClassification", "accuracy"),
+    "run_clm": (
+        ["--max_train_samples", "300", "--block_size", "32", "--max_eval_samples", "40"],
+        "AutoModelForCausalLM",
+        "perplexity",
+    ),
+    "run_translation": (
+        ["--max_train_samples", "200", "--max_eval_samples", "8", "--num_beams", "2", "--max_target_length", "16"],
+        "AutoModelForSeq2SeqLM",
+        "bleu",
+    ),
+    "run_image_classification": (
+        ["--max_train_samples", "256", "--max_eval_samples", "64"],
+        "AutoModelForImageClassification",
+        "accuracy",
+    ),
 }
 
 
@@ -59,8 +68,17 @@ def test_script_runs_on_embedded_default(script, tmp_path):
 def test_training_reduces_the_loss(tmp_path):
     """Not just running: 60 steps of the tiny MultiMax ViT on the digits learn something (about 0.58 accuracy)."""
     results = load_example("run_image_classification").main(
-        ["--max_train_steps", "60", "--eval_strategy", "end", "--max_eval_samples", "128", "--lr_scheduler_type",
-         "constant"])
+        [
+            "--max_train_steps",
+            "60",
+            "--eval_strategy",
+            "end",
+            "--max_eval_samples",
+            "128",
+            "--lr_scheduler_type",
+            "constant",
+        ]
+    )
     losses = [loss for _, loss in results["losses"]]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     assert results["metrics"]["accuracy"] > 0.35  # chance is 0.1
@@ -73,9 +91,25 @@ def test_clm_local_text_file(tmp_path):
     validation.write_text("\n".join(data.lm_texts()[400:460]))
     out = tmp_path / "out"
     results = load_example("run_clm").main(
-        ["--train_file", str(train), "--validation_file", str(validation), "--output_dir", str(out),
-         "--max_train_steps", "2", "--block_size", "32", "--attn_implementation", "multimax_eager",
-         "--multimax_order", "3", "--multimax_per_head", "true"])
+        [
+            "--train_file",
+            str(train),
+            "--validation_file",
+            str(validation),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--block_size",
+            "32",
+            "--attn_implementation",
+            "multimax_eager",
+            "--multimax_order",
+            "3",
+            "--multimax_per_head",
+            "true",
+        ]
+    )
     assert results["steps"] == 2 and np.isfinite(results["metrics"]["perplexity"])
     config = json.loads((out / "config.json").read_text())
     assert config["multimax_order"] == 3 and config["multimax_per_head"] is True
@@ -99,8 +133,21 @@ def test_translation_local_files(tmp_path, fmt):
                 writer.writerow(["en", "de"])
                 writer.writerows(rows)
     results = load_example("run_translation").main(
-        ["--train_file", str(train), "--validation_file", str(validation), "--max_train_steps", "2",
-         "--num_beams", "2", "--max_target_length", "8", "--attn_implementation", "sdpa"])
+        [
+            "--train_file",
+            str(train),
+            "--validation_file",
+            str(validation),
+            "--max_train_steps",
+            "2",
+            "--num_beams",
+            "2",
+            "--max_target_length",
+            "8",
+            "--attn_implementation",
+            "sdpa",
+        ]
+    )
     assert results["attn_implementation"] == "sdpa" and np.isfinite(results["metrics"]["bleu"])
 
 
@@ -115,8 +162,19 @@ def test_image_classification_image_folder(tmp_path):
             Image.fromarray((images[i] * 255).astype(np.uint8), mode="L").save(folder / f"{i}.png")
     out = tmp_path / "out"
     results = load_example("run_image_classification").main(
-        ["--train_file", str(tmp_path / "train"), "--validation_file", str(tmp_path / "validation"),
-         "--output_dir", str(out), "--max_train_steps", "2", "--per_device_train_batch_size", "16"])
+        [
+            "--train_file",
+            str(tmp_path / "train"),
+            "--validation_file",
+            str(tmp_path / "validation"),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "16",
+        ]
+    )
     assert 0.0 <= results["metrics"]["accuracy"] <= 1.0
     config = json.loads((out / "config.json").read_text())
     assert set(config["id2label"].values()) == {f"digit{d}" for d in set(labels[:60].tolist())}
@@ -125,8 +183,22 @@ def test_image_classification_image_folder(tmp_path):
 def test_checkpoint_resume_continues_exactly(tmp_path):
     """A run resumed from step_2 reproduces the losses and weights of an uninterrupted run."""
     script = load_example("run_clm")
-    common = ["--max_train_samples", "300", "--block_size", "32", "--max_eval_samples", "20", "--max_train_steps",
-              "4", "--per_device_train_batch_size", "4", "--multimax_init", "paper", "--eval_strategy", "end"]
+    common = [
+        "--max_train_samples",
+        "300",
+        "--block_size",
+        "32",
+        "--max_eval_samples",
+        "20",
+        "--max_train_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--multimax_init",
+        "paper",
+        "--eval_strategy",
+        "end",
+    ]
     full = script.main([*common, "--output_dir", str(tmp_path / "full"), "--checkpointing_steps", "2"])
     assert (tmp_path / "full" / "step_2" / "training_state.json").is_file()
     # As if the run had died after step 3: only step_2 is on disk.
@@ -143,8 +215,20 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError):
-        load_example("run_clm").main(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
-                                     "--max_train_samples", "100", "--block_size", "32", "--max_train_steps", "1"])
+        load_example("run_clm").main(
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--resume_from_checkpoint",
+                "latest",
+                "--max_train_samples",
+                "100",
+                "--block_size",
+                "32",
+                "--max_train_steps",
+                "1",
+            ]
+        )
 
 
 def test_lora_script_saves_multimax_with_the_adapter(tmp_path):
@@ -153,8 +237,22 @@ def test_lora_script_saves_multimax_with_the_adapter(tmp_path):
 
     out = tmp_path / "lora"
     load_example("run_image_classification").main(
-        ["--lora", "--output_dir", str(out), "--max_train_steps", "5", "--multimax_init", "paper",
-         "--max_train_samples", "256", "--max_eval_samples", "32", "--learning_rate", "1e-2"])
+        [
+            "--lora",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "5",
+            "--multimax_init",
+            "paper",
+            "--max_train_samples",
+            "256",
+            "--max_eval_samples",
+            "32",
+            "--learning_rate",
+            "1e-2",
+        ]
+    )
     adapter = load_file(out / "adapter_model.safetensors")
     multimax_keys = [k for k in adapter if "multimax_ts" in k]
     assert multimax_keys and any("lora_A" in k for k in adapter) and any("classifier" in k for k in adapter)
@@ -164,16 +262,31 @@ def test_lora_script_saves_multimax_with_the_adapter(tmp_path):
     model = PeftModel.from_pretrained(base, out)
     loaded = {n: p for n, p in model.named_parameters() if n.endswith("multimax_ts") and "modules_to_save" in n}
     assert len(loaded) == len(base_ts) == len(multimax_keys)
-    changed = [not torch.equal(p, base_ts[n.replace("base_model.model.", "").replace(".modules_to_save.default", "")])
-               for n, p in loaded.items()]
+    changed = [
+        not torch.equal(p, base_ts[n.replace("base_model.model.", "").replace(".modules_to_save.default", "")])
+        for n, p in loaded.items()
+    ]
     assert any(changed)  # the MultiMax parameters were trained, saved and loaded
 
 
 def test_push_to_hub_dry_run_writes_the_folder(tmp_path):
     out = tmp_path / "pushed"
     load_example("run_image_classification").main(
-        ["--output_dir", str(out), "--max_train_steps", "1", "--max_train_samples", "64", "--max_eval_samples", "16",
-         "--push_to_hub", "--hub_dry_run", "--hub_model_id", "someone/tiny-vit-multimax"])
+        [
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "1",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "16",
+            "--push_to_hub",
+            "--hub_dry_run",
+            "--hub_model_id",
+            "someone/tiny-vit-multimax",
+        ]
+    )
     assert (out / "model.safetensors").is_file()
     if importlib.util.find_spec("hf_multimax.hub") is not None:
         assert (out / "hub" / "README.md").is_file() and (out / "hub" / "model.safetensors").is_file()
@@ -190,12 +303,17 @@ def test_every_flag_has_help():
                 assert action.help, f"{task.name}: {action.option_strings} has no help"
 
 
-@pytest.mark.parametrize("task_name, argv, grouped", [
-    ("translation", [], True), ("translation", ["--no_group_by_length"], False),
-    ("translation", ["--model_name_or_path", "google-t5/t5-small"], False),
-    ("translation", ["--model_name_or_path", "google-t5/t5-small", "--group_by_length"], True),
-    ("lm", [], False), ("lm", ["--group_by_length"], True),
-])
+@pytest.mark.parametrize(
+    "task_name, argv, grouped",
+    [
+        ("translation", [], True),
+        ("translation", ["--no_group_by_length"], False),
+        ("translation", ["--model_name_or_path", "google-t5/t5-small"], False),
+        ("translation", ["--model_name_or_path", "google-t5/t5-small", "--group_by_length"], True),
+        ("lm", [], False),
+        ("lm", ["--group_by_length"], True),
+    ],
+)
 def test_length_grouping_defaults_on_for_translation_from_scratch(task_name, argv, grouped):
     from hf_multimax import finetune
     from hf_multimax.finetune.tasks import TASKS
@@ -208,13 +326,40 @@ def test_length_grouping_defaults_on_for_translation_from_scratch(task_name, arg
 
 def test_grouped_runs_report_the_loss_period(tmp_path):
     """1,000 pairs in batches of 5: mega-batches of min(1000 // 20, 50) = 50 batches, two batches a step."""
-    results = load_example("run_translation").main([
-        "--max_train_samples", "1000", "--per_device_train_batch_size", "5", "--gradient_accumulation_steps", "2",
-        "--max_train_steps", "2", "--max_eval_samples", "4", "--num_beams", "1", "--max_target_length", "8"])
+    results = load_example("run_translation").main(
+        [
+            "--max_train_samples",
+            "1000",
+            "--per_device_train_batch_size",
+            "5",
+            "--gradient_accumulation_steps",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--max_eval_samples",
+            "4",
+            "--num_beams",
+            "1",
+            "--max_target_length",
+            "8",
+        ]
+    )
     assert results["loss_period"] == 25
-    ungrouped = load_example("run_translation").main([
-        "--max_train_samples", "100", "--max_train_steps", "1", "--max_eval_samples", "4", "--num_beams", "1",
-        "--max_target_length", "8", "--no_group_by_length"])
+    ungrouped = load_example("run_translation").main(
+        [
+            "--max_train_samples",
+            "100",
+            "--max_train_steps",
+            "1",
+            "--max_eval_samples",
+            "4",
+            "--num_beams",
+            "1",
+            "--max_target_length",
+            "8",
+            "--no_group_by_length",
+        ]
+    )
     assert "loss_period" not in ungrouped
 
 
@@ -289,10 +434,12 @@ def test_regeneration_reads_po_and_json_catalogs(tmp_path):
     import zipfile
 
     regenerate = load_module(data.DATA_DIR / "regenerate.py")
-    po = ('msgid ""\nmsgstr "Content-Type: text/plain"\n\n#: a.py:1\nmsgid "Save"\nmsgstr "Speichern"\n\n'
-          '#, fuzzy\nmsgid "Load"\nmsgstr "Laden?"\n\nmsgctxt "verb"\nmsgid "Open"\nmsgstr "Öffnen"\n\n'
-          'msgid ""\n"Delete the "\n"file"\nmsgstr "Datei löschen"\n\nmsgid "one item"\nmsgid_plural "items"\n'
-          'msgstr[0] "ein Element"\nmsgstr[1] "Elemente"\n\nmsgid "Line\u2028two"\nmsgstr "Zeile\u2028zwei"\n')
+    po = (
+        'msgid ""\nmsgstr "Content-Type: text/plain"\n\n#: a.py:1\nmsgid "Save"\nmsgstr "Speichern"\n\n'
+        '#, fuzzy\nmsgid "Load"\nmsgstr "Laden?"\n\nmsgctxt "verb"\nmsgid "Open"\nmsgstr "Öffnen"\n\n'
+        'msgid ""\n"Delete the "\n"file"\nmsgstr "Datei löschen"\n\nmsgid "one item"\nmsgid_plural "items"\n'
+        'msgstr[0] "ein Element"\nmsgstr[1] "Elemente"\n\nmsgid "Line\u2028two"\nmsgstr "Zeile\u2028zwei"\n'
+    )
     wheel_path = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel_path, "w") as wheel:
         wheel.writestr("pkg/locale/de/LC_MESSAGES/django.po", po)
@@ -304,8 +451,11 @@ def test_regeneration_reads_po_and_json_catalogs(tmp_path):
         wheel.writestr("pkg/vendored-2.0.dist-info/LICENSE", "not ours")
     with zipfile.ZipFile(wheel_path) as wheel:
         assert list(regenerate.po_files("pkg/*locale/de/LC_MESSAGES/*.po")(wheel)) == [
-            ("Save", "Speichern"), ("Delete the file", "Datei löschen"), ("one item", "ein Element"),
-            ("Line\u2028two", "Zeile\u2028zwei")]
+            ("Save", "Speichern"),
+            ("Delete the file", "Datei löschen"),
+            ("one item", "ein Element"),
+            ("Line\u2028two", "Zeile\u2028zwei"),
+        ]
         assert list(regenerate.jed_files("pkg/jed/*.json")(wheel)) == [("Close", "Schließen")]
         assert list(regenerate.keyed_json_files("pkg/locale")(wheel)) == [("Next", "Weiter")]
         assert regenerate.licence_files(wheel) == ["pkg-1.0.dist-info/licenses/LICENSE"]
@@ -325,8 +475,10 @@ def test_sacrebleu_works_offline():
     assert metric.compute(predictions=predictions, references=references)["score"] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(("task_name", "family", "output"), [("lm", "llama", False), ("lm", "gpt2", True),
-                                                             ("translation", "t5", False), ("translation", "bart", True)])
+@pytest.mark.parametrize(
+    ("task_name", "family", "output"),
+    [("lm", "llama", False), ("lm", "gpt2", True), ("translation", "t5", False), ("translation", "bart", True)],
+)
 def test_eval_loss_terms_give_the_models_loss(task_name, family, output):
     """The per-example loss sums the scripts gather across processes add up to the model's own mean loss (padded
     labels ignored; output-layer MultiMax included), so the evaluation loss does not depend on the batching."""
@@ -346,8 +498,12 @@ def test_eval_loss_terms_give_the_models_loss(task_name, family, output):
         assert sums.shape == counts.shape == (3,)
         torch.testing.assert_close(sums.sum() / counts.sum(), outputs.loss, atol=1e-5, rtol=1e-5)
         # Split into batches of one: the gathered terms give the same mean, unlike a mean of batch means.
-        parts = [task.loss_terms(model(**{k: v[i:i + 1] for k, v in batch.items()}, labels=labels[i:i + 1]).logits,
-                                 labels[i:i + 1]) for i in range(3)]
+        parts = [
+            task.loss_terms(
+                model(**{k: v[i : i + 1] for k, v in batch.items()}, labels=labels[i : i + 1]).logits, labels[i : i + 1]
+            )
+            for i in range(3)
+        ]
     torch.testing.assert_close(torch.tensor(task.mean_loss(parts)), outputs.loss, atol=1e-5, rtol=1e-5)
 
 

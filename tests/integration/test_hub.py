@@ -51,8 +51,15 @@ def randomise_multimax(model: torch.nn.Module, seed: int = 0) -> None:
 
 def tiny_llama(**flags) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **flags,
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **flags,
     )
     config._attn_implementation = "multimax"
     torch.manual_seed(0)
@@ -78,8 +85,15 @@ def pushed(llama, tokenizer, tmp_path_factory):
     """One dry-run push of the Llama with its tokenizer and full card metadata."""
     local_dir = tmp_path_factory.mktemp("push") / "tiny"
     result = push_to_hub(
-        llama, REPO, local_dir=local_dir, dry_run=True, tokenizer=tokenizer, base_model="someone/tiny-base",
-        datasets=["someone/tiny-text"], pipeline_tag="text-generation", eval_results={"perplexity": 12.5, "accuracy": 0.25},
+        llama,
+        REPO,
+        local_dir=local_dir,
+        dry_run=True,
+        tokenizer=tokenizer,
+        base_model="someone/tiny-base",
+        datasets=["someone/tiny-text"],
+        pipeline_tag="text-generation",
+        eval_results={"perplexity": 12.5, "accuracy": 0.25},
     )
     return result
 
@@ -101,13 +115,20 @@ def input_ids(tokenizer) -> torch.Tensor:
 def test_dry_run_writes_exactly_the_upload_folder(pushed):
     assert not pushed.uploaded and pushed.commit_url is None
     assert set(pushed.files) == {
-        "README.md", "config.json", "generation_config.json", "model.safetensors", "multimax_sigma.png",
-        "tokenizer.json", "tokenizer_config.json",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "multimax_sigma.png",
+        "tokenizer.json",
+        "tokenizer_config.json",
     }
     assert set(pushed.files) == {p.name for p in pushed.local_dir.iterdir()}
     config = json.loads((pushed.local_dir / "config.json").read_text())
     assert {k: config[k] for k in ("multimax_order", "multimax_per_head", "multimax_output")} == {
-        "multimax_order": 2, "multimax_per_head": False, "multimax_output": False,
+        "multimax_order": 2,
+        "multimax_per_head": False,
+        "multimax_output": False,
     }
 
 
@@ -154,7 +175,9 @@ def test_reload_with_multimax_is_bit_identical(pushed, llama, tokenizer):
     reloaded = AutoModelForCausalLM.from_pretrained(pushed.local_dir, attn_implementation="multimax").eval()
     reloaded_tokenizer = PreTrainedTokenizerFast.from_pretrained(pushed.local_dir)
     ids = input_ids(tokenizer)
-    assert torch.equal(reloaded_tokenizer(["the cat sat on a mat", "a dog ran on the mat"], return_tensors="pt").input_ids, ids)
+    assert torch.equal(
+        reloaded_tokenizer(["the cat sat on a mat", "a dog ran on the mat"], return_tensors="pt").input_ids, ids
+    )
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, llama(ids).logits)
 
@@ -166,20 +189,31 @@ def test_reload_without_multimax_warns(pushed):
 
 def test_vit_with_image_processor_and_per_head_parameters(tmp_path):
     config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=3, multimax_per_head=True,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        multimax_per_head=True,
     )
     config._attn_implementation = "multimax"
     torch.manual_seed(0)
     model = ViTForImageClassification(config).eval()
     randomise_multimax(model, seed=1)
     processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
-    result = push_to_hub(model, REPO, local_dir=tmp_path / "vit", dry_run=True, processor=processor,
-                         pipeline_tag="image-classification")
+    result = push_to_hub(
+        model, REPO, local_dir=tmp_path / "vit", dry_run=True, processor=processor, pipeline_tag="image-classification"
+    )
     assert "preprocessor_config.json" in result.files and "model.safetensors" in result.files
     card = ModelCard.load(result.local_dir / "README.md")
     assert card.data.multimax["per_head"] is True and card.data.pipeline_tag == "image-classification"
-    assert 'AutoModelForImageClassification.from_pretrained("someone/tiny-multimax", attn_implementation="multimax")' in card.text
+    assert (
+        'AutoModelForImageClassification.from_pretrained("someone/tiny-multimax", attn_implementation="multimax")'
+        in card.text
+    )
     assert "AutoImageProcessor" in card.text
     assert card.text.count("<details>") == 2
     # One table row per layer (named as in the checkpoint), shape heads × 2N.
@@ -192,8 +226,14 @@ def test_vit_with_image_processor_and_per_head_parameters(tmp_path):
 
 
 def test_softmax_baseline_gets_a_plain_card(tmp_path):
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     result = push_to_hub(LlamaForCausalLM(config), REPO, local_dir=tmp_path / "softmax", dry_run=True)
     assert "multimax_sigma.png" not in result.files
     card = ModelCard.load(result.local_dir / "README.md")
@@ -215,7 +255,10 @@ def lora(tmp_path_factory):
     randomise_multimax(base, seed=5)
     base.save_pretrained(base_dir)
     peft_config = LoraConfig(
-        r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["multimax"], task_type="CAUSAL_LM",
+        r=2,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["multimax"],
+        task_type="CAUSAL_LM",
         init_lora_weights=False,
     )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="multimax"), peft_config)
@@ -230,7 +273,9 @@ def test_lora_adapter_push_reloads_base_adapter_and_multimax(lora, tokenizer, tm
     from peft import PeftModel
 
     model, base_dir = lora
-    result = push_to_hub(model, REPO, local_dir=tmp_path / "adapter", dry_run=True, base_model=str(base_dir), tokenizer=tokenizer)
+    result = push_to_hub(
+        model, REPO, local_dir=tmp_path / "adapter", dry_run=True, base_model=str(base_dir), tokenizer=tokenizer
+    )
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "multimax_sigma.png"} <= set(result.files)
     assert "model.safetensors" not in result.files
     adapter_config = json.loads((result.local_dir / "adapter_config.json").read_text())
@@ -240,13 +285,18 @@ def test_lora_adapter_push_reloads_base_adapter_and_multimax(lora, tokenizer, tm
     card = ModelCard.load(result.local_dir / "README.md")
     assert card.data.library_name == "peft" and {"multimax", "peft", "lora"} <= set(card.data.tags)
     assert card.data.base_model == str(base_dir)
-    assert "PeftModel.from_pretrained(base, \"someone/tiny-multimax\")" in card.text
+    assert 'PeftModel.from_pretrained(base, "someone/tiny-multimax")' in card.text
     assert "multimax_order=2" in card.text and "multimax_per_head=False" in card.text
-    trained = {n.removeprefix("base_model.model.").removesuffix(".modules_to_save.default"): m
-               for n, m in hf_multimax.multimax_modules(model).items() if n.endswith("modules_to_save.default")}
+    trained = {
+        n.removeprefix("base_model.model.").removesuffix(".modules_to_save.default"): m
+        for n, m in hf_multimax.multimax_modules(model).items()
+        if n.endswith("modules_to_save.default")
+    }
     assert len(trained) == 2
     for name, seglu in trained.items():
-        row = next(line for line in card.text.splitlines() if line.startswith(f"| `{name.removesuffix('.multimax')}` |"))
+        row = next(
+            line for line in card.text.splitlines() if line.startswith(f"| `{name.removesuffix('.multimax')}` |")
+        )
         assert f"{seglu.multimax_ts[0].item():+.4f}" in row
 
     # The adapter folder pushed again (e.g. `hf-multimax push ADAPTER_DIR`): the flags come from the base model's
@@ -295,15 +345,27 @@ def test_folder_push_copies_model_files_only(llama, tokenizer, tmp_path):
     run = tmp_path / "run"
     llama.save_pretrained(run)
     tokenizer.save_pretrained(run)
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "trainer_state.json", "README.md"):
+    for name in (
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "training_args.bin",
+        "trainer_state.json",
+        "README.md",
+    ):
         (run / name).write_text("training state")
     (run / "checkpoint-10").mkdir()
     (run / "checkpoint-10" / "model.safetensors").write_text("old")
 
     result = push_to_hub(run, REPO, local_dir=tmp_path / "out", dry_run=True)
     assert set(result.files) == {
-        "README.md", "config.json", "generation_config.json", "model.safetensors", "multimax_sigma.png",
-        "tokenizer.json", "tokenizer_config.json",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "multimax_sigma.png",
+        "tokenizer.json",
+        "tokenizer_config.json",
     }
     assert (result.local_dir / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
     assert "multimax" in ModelCard.load(result.local_dir / "README.md").data.tags
@@ -324,16 +386,35 @@ def test_folder_push_copies_model_files_only(llama, tokenizer, tmp_path):
 
 def test_cli_push_dry_run(saved_dir, tmp_path, capsys):
     local = tmp_path / "cli"
-    code = main([
-        "push", str(saved_dir), REPO, "--dry-run", "--local-dir", str(local), "--base-model", "someone/base",
-        "--dataset", "someone/a", "--dataset", "someone/b", "--license", "mit", "--pipeline-tag", "text-generation",
-        "--eval-results", '{"perplexity": 3.5, "dataset_split": "test"}',
-    ])
+    code = main(
+        [
+            "push",
+            str(saved_dir),
+            REPO,
+            "--dry-run",
+            "--local-dir",
+            str(local),
+            "--base-model",
+            "someone/base",
+            "--dataset",
+            "someone/a",
+            "--dataset",
+            "someone/b",
+            "--license",
+            "mit",
+            "--pipeline-tag",
+            "text-generation",
+            "--eval-results",
+            '{"perplexity": 3.5, "dataset_split": "test"}',
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "dry run" in out and str(local) in out and "model.safetensors" in out
     data = ModelCard.load(local / "README.md").data
     assert data.datasets == ["someone/a", "someone/b"] and data.license == "mit" and data.base_model == "someone/base"
-    assert [(r.metric_type, r.metric_value, r.dataset_split) for r in data.eval_results] == [("perplexity", 3.5, "test")]
+    assert [(r.metric_type, r.metric_value, r.dataset_split) for r in data.eval_results] == [
+        ("perplexity", 3.5, "test")
+    ]
 
 
 def test_cli_push_error_is_one_line_and_exit_code(saved_dir, tmp_path, capsys, monkeypatch):
@@ -366,13 +447,21 @@ class Recorder:
     def install(self, monkeypatch) -> None:
         from huggingface_hub import CommitInfo, RepoUrl
 
-        monkeypatch.setattr(HfApi, "create_repo", self.method("create_repo", lambda repo_id, **_: RepoUrl(f"https://huggingface.co/{repo_id}")))
+        monkeypatch.setattr(
+            HfApi,
+            "create_repo",
+            self.method("create_repo", lambda repo_id, **_: RepoUrl(f"https://huggingface.co/{repo_id}")),
+        )
         monkeypatch.setattr(HfApi, "create_branch", self.method("create_branch", lambda *a, **k: None))
 
         def commit(**kwargs):
             self.uploaded_files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
-            return CommitInfo(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123", commit_message="",
-                              commit_description="", oid="abc123")
+            return CommitInfo(
+                commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123",
+                commit_message="",
+                commit_description="",
+                oid="abc123",
+            )
 
         monkeypatch.setattr(HfApi, "upload_folder", self.method("upload_folder", commit))
 
@@ -399,23 +488,57 @@ def test_upload_calls_and_arguments(saved_dir, tmp_path, monkeypatch):
     recorder.install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     local = tmp_path / "up"
-    result = push_to_hub(saved_dir, REPO, local_dir=local, private=True, revision="experiment", commit_message="first push",
-                         connect_timeout=None)
+    result = push_to_hub(
+        saved_dir,
+        REPO,
+        local_dir=local,
+        private=True,
+        revision="experiment",
+        commit_message="first push",
+        connect_timeout=None,
+    )
     assert [name for name, _, _ in recorder.calls] == ["create_repo", "create_branch", "upload_folder"]
     (_, args, create), (_, branch_args, branch), (_, _, upload) = recorder.calls
-    assert args == (REPO,) and create == {"token": "hf_from_env", "private": True, "exist_ok": True, "repo_type": "model"}
-    assert branch_args == (REPO,) and branch == {"branch": "experiment", "token": "hf_from_env", "exist_ok": True, "repo_type": "model"}
-    assert upload == {"repo_id": REPO, "folder_path": local, "commit_message": "first push", "revision": "experiment",
-                      "token": "hf_from_env", "repo_type": "model"}
+    assert args == (REPO,) and create == {
+        "token": "hf_from_env",
+        "private": True,
+        "exist_ok": True,
+        "repo_type": "model",
+    }
+    assert branch_args == (REPO,) and branch == {
+        "branch": "experiment",
+        "token": "hf_from_env",
+        "exist_ok": True,
+        "repo_type": "model",
+    }
+    assert upload == {
+        "repo_id": REPO,
+        "folder_path": local,
+        "commit_message": "first push",
+        "revision": "experiment",
+        "token": "hf_from_env",
+        "repo_type": "model",
+    }
     assert recorder.uploaded_files == sorted(result.files)  # the card and plot are there before the upload
-    assert result.uploaded and result.commit_url.endswith("/commit/abc123") and result.repo_url == f"https://huggingface.co/{REPO}"
+    assert (
+        result.uploaded
+        and result.commit_url.endswith("/commit/abc123")
+        and result.repo_url == f"https://huggingface.co/{REPO}"
+    )
 
 
 def test_upload_to_default_branch_skips_create_branch_and_uses_given_api(saved_dir, tmp_path, monkeypatch):
     recorder = Recorder()
     recorder.install(monkeypatch)
-    result = push_to_hub(saved_dir, REPO, local_dir=tmp_path / "up", token="hf_explicit", exist_ok=False,
-                         api=HfApi(endpoint="https://hub.example"), connect_timeout=None)
+    result = push_to_hub(
+        saved_dir,
+        REPO,
+        local_dir=tmp_path / "up",
+        token="hf_explicit",
+        exist_ok=False,
+        api=HfApi(endpoint="https://hub.example"),
+        connect_timeout=None,
+    )
     assert [name for name, _, _ in recorder.calls] == ["create_repo", "upload_folder"]
     assert recorder.calls[0][2]["exist_ok"] is False and recorder.calls[0][2]["private"] is False
     assert recorder.calls[1][2]["token"] == "hf_explicit" and recorder.calls[1][2]["revision"] is None
@@ -426,22 +549,47 @@ def test_upload_to_default_branch_skips_create_branch_and_uses_given_api(saved_d
 CREATE = "https://huggingface.co/api/repos/create"
 COMMIT = f"https://huggingface.co/api/models/{REPO}/commit/main"
 FAILURES = {
-    "no network": ("create_repo", httpx2.ConnectError("[Errno -2] Name or service not known"),
-                   "could not be reached (ConnectError: [Errno -2] Name or service not known); check the network"),
+    "no network": (
+        "create_repo",
+        httpx2.ConnectError("[Errno -2] Name or service not known"),
+        "could not be reached (ConnectError: [Errno -2] Name or service not known); check the network",
+    ),
     "network timeout": ("upload_folder", httpx2.ReadTimeout("timed out"), "did not answer (ReadTimeout: timed out)"),
-    "repo exists": ("create_repo", hub_error(409, CREATE, json_body={"error": "You already created this model repo"}),
-                    f"the repository '{REPO}' already exists and exist_ok=False"),
-    "bad token": ("create_repo", hub_error(401, CREATE, json_body={"error": "Invalid credentials in Authorization header"}),
-                  "the Hub rejected the token (HTTP 401: Invalid credentials in Authorization header)"),
-    "no write access": ("create_repo", hub_error(403, CREATE, json_body={"error": "You don't have the rights"}),
-                        f"the token may not write to '{REPO}' (HTTP 403: You don't have the rights)"),
-    "repo not found": ("upload_folder", hub_error(404, COMMIT, headers={"X-Error-Code": "RepoNotFound"}),
-                       f"the repository '{REPO}' was not found, or the token cannot access it"),
-    "upload rejected": ("upload_folder", hub_error(400, COMMIT, headers={"X-Error-Message": "Invalid metadata in README.md"}),
-                        "the Hub rejected the upload (HTTP 400: Invalid metadata in README.md)"),
-    "branch rejected": ("create_branch", hub_error(400, COMMIT, headers={"X-Error-Message": "Invalid branch name"}),
-                        "the Hub rejected the creation of branch 'v1' (HTTP 400: Invalid branch name)"),
-    "token missing in call": ("create_repo", LocalTokenNotFoundError("Token is required (`token=True`)"), "hf auth login"),
+    "repo exists": (
+        "create_repo",
+        hub_error(409, CREATE, json_body={"error": "You already created this model repo"}),
+        f"the repository '{REPO}' already exists and exist_ok=False",
+    ),
+    "bad token": (
+        "create_repo",
+        hub_error(401, CREATE, json_body={"error": "Invalid credentials in Authorization header"}),
+        "the Hub rejected the token (HTTP 401: Invalid credentials in Authorization header)",
+    ),
+    "no write access": (
+        "create_repo",
+        hub_error(403, CREATE, json_body={"error": "You don't have the rights"}),
+        f"the token may not write to '{REPO}' (HTTP 403: You don't have the rights)",
+    ),
+    "repo not found": (
+        "upload_folder",
+        hub_error(404, COMMIT, headers={"X-Error-Code": "RepoNotFound"}),
+        f"the repository '{REPO}' was not found, or the token cannot access it",
+    ),
+    "upload rejected": (
+        "upload_folder",
+        hub_error(400, COMMIT, headers={"X-Error-Message": "Invalid metadata in README.md"}),
+        "the Hub rejected the upload (HTTP 400: Invalid metadata in README.md)",
+    ),
+    "branch rejected": (
+        "create_branch",
+        hub_error(400, COMMIT, headers={"X-Error-Message": "Invalid branch name"}),
+        "the Hub rejected the creation of branch 'v1' (HTTP 400: Invalid branch name)",
+    ),
+    "token missing in call": (
+        "create_repo",
+        LocalTokenNotFoundError("Token is required (`token=True`)"),
+        "hf auth login",
+    ),
 }
 
 
@@ -452,8 +600,15 @@ def test_each_failure_is_one_clear_error_and_keeps_the_folder(case, saved_dir, t
     recorder.install(monkeypatch)
     local = tmp_path / "kept"
     with pytest.raises(HubPushError) as info:
-        push_to_hub(saved_dir, REPO, local_dir=local, token="hf_test", exist_ok=case != "repo exists",
-                    revision="v1" if case == "branch rejected" else None, connect_timeout=None)
+        push_to_hub(
+            saved_dir,
+            REPO,
+            local_dir=local,
+            token="hf_test",
+            exist_ok=case != "repo exists",
+            revision="v1" if case == "branch rejected" else None,
+            connect_timeout=None,
+        )
     message = str(info.value)
     assert message.startswith(f"Could not push to '{REPO}': ") and expected in message
     assert f"kept at {local}" in message and f"hf-multimax push {local} {REPO} --local-dir {local}" in message
@@ -492,8 +647,14 @@ def test_real_call_refused_connection_is_quick_and_clear(saved_dir, tmp_path):
         port = probe.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(HubPushError, match="could not be reached") as info:
-        push_to_hub(saved_dir, REPO, local_dir=tmp_path / "kept", token="hf_test",
-                    api=HfApi(endpoint=f"http://127.0.0.1:{port}"), connect_timeout=None)
+        push_to_hub(
+            saved_dir,
+            REPO,
+            local_dir=tmp_path / "kept",
+            token="hf_test",
+            api=HfApi(endpoint=f"http://127.0.0.1:{port}"),
+            connect_timeout=None,
+        )
     assert time.monotonic() - start < 10
     assert type(info.value.__cause__).__name__ == "ConnectError"
 
@@ -505,15 +666,27 @@ def test_real_call_unanswered_times_out(saved_dir, tmp_path):
         port = silent.getsockname()[1]
         start = time.monotonic()
         with pytest.raises(HubPushError, match=r"did not answer within 0\.5 s") as info:
-            push_to_hub(saved_dir, REPO, local_dir=tmp_path / "kept", token="hf_test",
-                        api=HfApi(endpoint=f"http://127.0.0.1:{port}"), connect_timeout=0.5)
+            push_to_hub(
+                saved_dir,
+                REPO,
+                local_dir=tmp_path / "kept",
+                token="hf_test",
+                api=HfApi(endpoint=f"http://127.0.0.1:{port}"),
+                connect_timeout=0.5,
+            )
         assert time.monotonic() - start < 10
     assert "Timeout" in type(info.value.__cause__).__name__
 
 
 def test_eval_results_accepts_evalresult_objects_and_needs_a_task(saved_dir, tmp_path):
-    result = EvalResult(task_type="text-generation", dataset_type="wikitext", dataset_name="WikiText", metric_type="perplexity",
-                        metric_value=9.0, dataset_split="validation")
+    result = EvalResult(
+        task_type="text-generation",
+        dataset_type="wikitext",
+        dataset_name="WikiText",
+        metric_type="perplexity",
+        metric_value=9.0,
+        dataset_split="validation",
+    )
     pushed = push_to_hub(saved_dir, REPO, local_dir=tmp_path / "a", dry_run=True, eval_results=[result])
     assert ModelCard.load(pushed.local_dir / "README.md").data.eval_results[0].dataset_split == "validation"
     with pytest.raises(ValueError, match="need a task and a dataset"):

@@ -12,8 +12,9 @@ from families import BY_NAME
 from hf_multimax import registry
 from scripts import load_example
 
-PARAMETRIC = sorted({name for name, impl in registry.IMPLEMENTATIONS.items() if impl.parameters is not None} -
-                    {"multimax_eager"})  # fmt: skip
+PARAMETRIC = sorted(
+    {name for name, impl in registry.IMPLEMENTATIONS.items() if impl.parameters is not None} - {"multimax_eager"}
+)
 
 
 @pytest.mark.parametrize("implementation", PARAMETRIC)
@@ -21,32 +22,59 @@ def test_lora_script_trains_and_saves_the_implementations_parameters(tmp_path, i
     spec = registry.parametric(implementation)
     out = tmp_path / implementation
     load_example("run_clm").main(
-        ["--lora", "--attn_implementation", implementation, "--output_dir", str(out), "--max_train_steps", "4",
-         "--max_train_samples", "200", "--block_size", "32", "--max_eval_samples", "20", "--learning_rate", "5e-2",
-         "--multimax_init", "paper", "--eval_strategy", "end"])  # fmt: skip
+        [
+            "--lora",
+            "--attn_implementation",
+            implementation,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "4",
+            "--max_train_samples",
+            "200",
+            "--block_size",
+            "32",
+            "--max_eval_samples",
+            "20",
+            "--learning_rate",
+            "5e-2",
+            "--multimax_init",
+            "paper",
+            "--eval_strategy",
+            "end",
+        ]
+    )
     adapter = load_file(out / "adapter_model.safetensors")
-    saved = {key: value for key, value in adapter.items() if (parsed := registry.parameter_key(key))
-             and parsed[1] == spec.attribute}  # fmt: skip
+    saved = {
+        key: value
+        for key, value in adapter.items()
+        if (parsed := registry.parameter_key(key)) and parsed[1] == spec.attribute
+    }
     assert len(saved) == 2 * len(spec.module_types[0].PARAMETER_NAMES)  # two attention layers
     assert any("lora_A" in key for key in adapter)
     base = AutoModelForCausalLM.from_pretrained(out / "base_model", attn_implementation=implementation)
     initial = {name: p.detach().clone() for name, p in base.named_parameters() if f".{spec.attribute}." in name}
     model = PeftModel.from_pretrained(base, out)
-    trained = {name: p for name, p in model.named_parameters() if f".{spec.attribute}." in name
-               and "modules_to_save" in name}  # fmt: skip
+    trained = {
+        name: p for name, p in model.named_parameters() if f".{spec.attribute}." in name and "modules_to_save" in name
+    }
     assert len(trained) == len(initial) == len(saved)
-    original = {name.removeprefix("base_model.model.").replace(".modules_to_save.default", ""): p
-                for name, p in trained.items()}  # fmt: skip
+    original = {
+        name.removeprefix("base_model.model.").replace(".modules_to_save.default", ""): p for name, p in trained.items()
+    }
     assert all(not torch.equal(p, initial[name]) for name, p in original.items()), "trained, saved and reloaded"
 
 
-@pytest.mark.parametrize("implementation,flags,expected", [
-    ("multimax", {}, ["multimax"]),
-    ("entmax_alpha", {}, ["entmax_alpha"]),
-    ("entmax_alpha", {"multimax_output": True}, ["entmax_alpha", "multimax"]),
-    ("sdpa", {"multimax_output": True}, ["multimax"]),
-    ("sparsemax", {}, []),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "implementation,flags,expected",
+    [
+        ("multimax", {}, ["multimax"]),
+        ("entmax_alpha", {}, ["entmax_alpha"]),
+        ("entmax_alpha", {"multimax_output": True}, ["entmax_alpha", "multimax"]),
+        ("sdpa", {"multimax_output": True}, ["multimax"]),
+        ("sparsemax", {}, []),
+    ],
+)
 def test_modules_to_save_follow_the_model(implementation, flags, expected):
     model = BY_NAME["llama"].build(implementation, **flags)
     assert hf_multimax.lora_modules_to_save(model) == expected

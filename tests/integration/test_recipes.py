@@ -32,13 +32,32 @@ def load_recipes():
 
 recipes = load_recipes()
 #: What CI changes: two steps, tiny batches and sequences, a few examples, narrower layers; the rest stays.
-FAST = ["--max_train_steps", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--gradient_accumulation_steps", "1", "--checkpointing_steps", "1000", "--eval_strategy", "end"]  # fmt: skip
+FAST = [
+    "--max_train_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--per_device_eval_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "1",
+    "--checkpointing_steps",
+    "1000",
+    "--eval_strategy",
+    "end",
+]
 
 
 #: The recipes' widths, narrowed in CI (divisible by each recipe's head count).
-NARROW = {"n_embd": "64", "n_inner": "256", "d_model": "64", "encoder_ffn_dim": "128", "decoder_ffn_dim": "128",
-          "hidden_size": "96", "intermediate_size": "384"}  # fmt: skip
+NARROW = {
+    "n_embd": "64",
+    "n_inner": "256",
+    "d_model": "64",
+    "encoder_ffn_dim": "128",
+    "decoder_ffn_dim": "128",
+    "hidden_size": "96",
+    "intermediate_size": "384",
+}
 
 
 def architecture(recipe) -> dict[str, str]:
@@ -61,8 +80,18 @@ def local_data(name: str, folder):
             (folder / f"{split}.en").write_text("\n".join(en for en, _ in rows) + "\n")
             with open(folder / f"{split}.jsonl", "w") as out:
                 assert recipes.write_jsonl(folder / f"{split}.de", folder / f"{split}.en", "de", "en", out) == len(rows)
-        return ["--train_file", str(folder / "train.jsonl"), "--validation_file", str(folder / "valid.jsonl"),
-                "--max_source_length", "24", "--max_target_length", "24", "--max_eval_samples", "4"]
+        return [
+            "--train_file",
+            str(folder / "train.jsonl"),
+            "--validation_file",
+            str(folder / "valid.jsonl"),
+            "--max_source_length",
+            "24",
+            "--max_target_length",
+            "24",
+            "--max_eval_samples",
+            "4",
+        ]
     images, labels = data.digit_images()
     for split, indices in (("train", range(0, 12)), ("val", range(12, 16))):
         for i in indices:
@@ -98,7 +127,9 @@ def test_recipe_commands_launch_the_scripts_and_are_in_the_readme():
     readme = (EXAMPLES / "recipes" / "README.md").read_text()
     for name, recipe in recipes.RECIPES.items():
         cmd = recipes.command(name, ["--output_dir", "out"])
-        assert cmd[:2] == ["accelerate", "launch"] and cmd[cmd.index("--num_processes") + 1] == str(recipe.num_processes)
+        assert cmd[:2] == ["accelerate", "launch"] and cmd[cmd.index("--num_processes") + 1] == str(
+            recipe.num_processes
+        )
         assert cmd[-2:] == ["--output_dir", "out"]  # appended flags come last, so they win
         assert recipe.data[0] in cmd and recipe.data[0] not in recipes.command(name, own_data=True)
         assert recipes.markdown(name) in readme, f"examples/recipes/README.md does not show the {name} command"

@@ -33,20 +33,30 @@ def lm_tokenizer():
 @pytest.fixture(scope="module")
 def lm_blocks(lm_tokenizer):
     ids = [i for text in data.lm_texts()[:200] for i in lm_tokenizer(text)["input_ids"]]
-    blocks = [ids[i: i + 32] for i in range(0, len(ids) - 32, 32)][:64]
+    blocks = [ids[i : i + 32] for i in range(0, len(ids) - 32, 32)][:64]
     return [{"input_ids": b, "labels": b} for b in blocks]
 
 
 def tiny_llama(vocab_size: int, **flags) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         multimax_init="paper", **flags)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        multimax_init="paper",
+        **flags,
+    )
     return LlamaForCausalLM._from_config(config, attn_implementation="multimax")
 
 
 def seglu_values(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("multimax_ts", "multimax_ranges"))}
+    return {
+        n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("multimax_ts", "multimax_ranges"))
+    }
 
 
 def assert_no_decay_on_multimax(trainer: Trainer, model) -> None:
@@ -70,9 +80,18 @@ def assert_no_decay_on_multimax(trainer: Trainer, model) -> None:
 def test_trainer_fine_tunes_multimax_without_decaying_it(tmp_path, lm_tokenizer, lm_blocks):
     model = tiny_llama(len(lm_tokenizer))
     before = seglu_values(model)
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=8,
-                             learning_rate=1e-2, weight_decay=0.1, report_to=[], save_strategy="no", logging_steps=1,
-                             use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = MultiMaxTrainer(model=model, args=args, train_dataset=lm_blocks)
     output = trainer.train()
     assert torch.isfinite(torch.tensor(output.training_loss))
@@ -92,9 +111,20 @@ def test_seq2seq_trainer_with_generation(tmp_path):
     pairs = data.translation_pairs()[:96]
     tokenizer = data.build_tokenizer([s for pair in pairs for s in pair], vocab_size=300, min_frequency=1)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1,
-                      num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=0, multimax_init="paper")
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=0,
+        multimax_init="paper",
+    )
     model = T5ForConditionalGeneration._from_config(config, attn_implementation="multimax")
     features = [dict(tokenizer(en), labels=tokenizer(de)["input_ids"]) for en, de in pairs]
     metric = load_sacrebleu()
@@ -110,13 +140,29 @@ def test_seq2seq_trainer_with_generation(tmp_path):
 
     from transformers import DataCollatorForSeq2Seq
 
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=16,
-                                    per_device_eval_batch_size=16, learning_rate=1e-2, weight_decay=0.1,
-                                    predict_with_generate=True, generation_num_beams=2, generation_max_length=8,
-                                    report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
-    trainer = MultiMaxSeq2SeqTrainer(model=model, args=args, train_dataset=features, eval_dataset=features[:16],
-                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-                             compute_metrics=compute_metrics)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        predict_with_generate=True,
+        generation_num_beams=2,
+        generation_max_length=8,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = MultiMaxSeq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        eval_dataset=features[:16],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        compute_metrics=compute_metrics,
+    )
     before = seglu_values(model)
     trainer.train()
     metrics = trainer.evaluate()
@@ -127,8 +173,15 @@ def test_seq2seq_trainer_with_generation(tmp_path):
 
 
 def lora_args(**overrides) -> argparse.Namespace:
-    values = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, weight_decay=0.1,
-                  multimax_learning_rate=None, learning_rate=1e-2)
+    values = dict(
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=None,
+        weight_decay=0.1,
+        multimax_learning_rate=None,
+        learning_rate=1e-2,
+    )
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -150,7 +203,7 @@ def test_lora_round_trip_reproduces_the_fine_tuned_model(tmp_path, lm_tokenizer,
     assert {g["name"] for g in groups} == {"decay", "multimax"}
     model.train()
     for step in range(5):
-        batch = torch.tensor([b["input_ids"] for b in lm_blocks[step * 4: step * 4 + 4]])
+        batch = torch.tensor([b["input_ids"] for b in lm_blocks[step * 4 : step * 4 + 4]])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -170,8 +223,11 @@ def test_lora_round_trip_reproduces_the_fine_tuned_model(tmp_path, lm_tokenizer,
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch).logits, expected)
     # The MultiMax parameters were trained (the base alone would give other outputs).
-    trained = {n.replace("base_model.model.", "").replace(".modules_to_save.default", ""): p
-               for n, p in seglu_values(reloaded).items() if "modules_to_save" in n}
+    trained = {
+        n.replace("base_model.model.", "").replace(".modules_to_save.default", ""): p
+        for n, p in seglu_values(reloaded).items()
+        if "modules_to_save" in n
+    }
     assert any(not torch.equal(trained[n], initial[n]) for n in trained)
     fresh_base = LlamaForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="multimax").eval()
     with torch.no_grad():

@@ -22,7 +22,10 @@ def test_parameter_groups_exclude_multimax_from_decay():
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
     params = dict(model.named_parameters())
     assert ids["multimax"] == {id(params[n]) for n in multimax_parameter_names(model)} - ids["multimax_output"]
-    assert ids["multimax_output"] == {id(params["lm_head.multimax.multimax_ranges"]), id(params["lm_head.multimax.multimax_ts"])}
+    assert ids["multimax_output"] == {
+        id(params["lm_head.multimax.multimax_ranges"]),
+        id(params["lm_head.multimax.multimax_ts"]),
+    }
     assert groups["decay"]["weight_decay"] == 0.1 and groups["multimax"]["weight_decay"] == 0.0
     assert groups["multimax"]["lr"] == 1e-2
     assert id(params["model.layers.0.self_attn.q_proj.weight"]) in ids["decay"]
@@ -39,6 +42,7 @@ def test_trainer_leaves_multimax_out_of_weight_decay(tmp_path, how):
     if how == "subclass":
         trainer = MultiMaxTrainer(model=model, args=args)
     else:  # for code that cannot change its Trainer class: patch a class in place, then undo it
+
         class ThirdPartyTrainer(Trainer):
             pass
 
@@ -74,8 +78,16 @@ def test_trainer_trains_a_multimax_model(tmp_path):
     randomize_multimax(model)
     before = model.model.layers[1].self_attn.multimax.multimax_ts.detach().clone()
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(4, 64, (8, 12))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+    )
     result = MultiMaxTrainer(model=model, args=args, train_dataset=data).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(model.model.layers[1].self_attn.multimax.multimax_ts, before)
@@ -102,9 +114,17 @@ def output_multimax_llama(vocab_size: int, logit_scale: float, backward: bool = 
     """A tiny LM with output MultiMax whose logits are ``logit_scale`` times larger than at initialisation (a trained
     LM's logits spread over tens of units), with gradients from one real batch (``backward``)."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         multimax_init="paper", multimax_output=True)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        multimax_init="paper",
+        multimax_output=True,
+    )
     model = LlamaForCausalLM._from_config(config, attn_implementation="multimax")
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
@@ -116,8 +136,13 @@ def output_multimax_llama(vocab_size: int, logit_scale: float, backward: bool = 
 
 def grads_by_group(model) -> tuple[torch.Tensor, torch.Tensor]:
     names = set(output_multimax_parameter_names(model))
-    flat = lambda keep: torch.cat([p.grad.flatten() for n, p in model.named_parameters()  # noqa: E731
-                                   if p.grad is not None and keep(n in names)])
+    flat = lambda keep: torch.cat(
+        [
+            p.grad.flatten()
+            for n, p in model.named_parameters()  # noqa: E731
+            if p.grad is not None and keep(n in names)
+        ]
+    )
     return flat(lambda is_out: not is_out), flat(lambda is_out: is_out)
 
 
@@ -165,8 +190,10 @@ def test_output_clip_without_output_multimax_is_the_global_clip(mode):
     torch.testing.assert_close(total, torch.tensor(1.0), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("mode,how", [("separate", "argument"), ("global", "argument"), ("separate", "default"),
-                                      ("global", "deprecated setter")])
+@pytest.mark.parametrize(
+    "mode,how",
+    [("separate", "argument"), ("global", "argument"), ("separate", "default"), ("global", "deprecated setter")],
+)
 def test_trainer_clips_output_multimax_like_clip_grad_norm(mode, how, tmp_path):
     """MultiMaxTrainer's clipping goes through clip_grad_norm_ for models with output-layer MultiMax: with "separate"
     (the default) each group ends at max_grad_norm, with "global" (Trainer's own) the σ gradient squeezes the rest."""
@@ -182,14 +209,23 @@ def test_trainer_clips_output_multimax_like_clip_grad_norm(mode, how, tmp_path):
 
     model = output_multimax_llama(512, logit_scale=30, backward=False)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 512, (4, 32))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, max_grad_norm=1.0,
-                             report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        max_grad_norm=1.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        learning_rate=1e-3,
+    )
     record = Record()
     Record.norms = []
     try:
         if how == "argument":
-            trainer = MultiMaxTrainer(model=model, args=args, train_dataset=data, callbacks=[record],
-                                      multimax_output_clip=mode)
+            trainer = MultiMaxTrainer(
+                model=model, args=args, train_dataset=data, callbacks=[record], multimax_output_clip=mode
+            )
         else:
             if how == "deprecated setter":
                 with pytest.warns(FutureWarning, match="multimax_output_clip"):
@@ -198,7 +234,7 @@ def test_trainer_clips_output_multimax_like_clip_grad_norm(mode, how, tmp_path):
         trainer.train()
     finally:
         hf_multimax.training.clipping.set_default_output_clip("separate")
-    (main, out), = record.norms
+    ((main, out),) = record.norms
     if mode == "separate":
         assert main == pytest.approx(1.0, rel=1e-3) and out == pytest.approx(1.0, rel=1e-3)
     else:
@@ -207,11 +243,14 @@ def test_trainer_clips_output_multimax_like_clip_grad_norm(mode, how, tmp_path):
 
 def test_output_clip_rejects_unknown_mode():
     model = BY_NAME["llama"].build("multimax", multimax_output=True)
-    with pytest.raises(ValueError, match=r"`output_clip` must be one of \('separate', 'scaled', 'global'\), got 'sqrt'"):
+    with pytest.raises(
+        ValueError, match=r"`output_clip` must be one of \('separate', 'scaled', 'global'\), got 'sqrt'"
+    ):
         hf_multimax.clip_grad_norm_(model, 1.0, output_clip="sqrt")
     with pytest.raises(ValueError, match=r"`output_clip` must be one of .*, got 'none'"):
-        MultiMaxTrainer(model=model, args=TrainingArguments(output_dir="unused", report_to=[]),
-                        multimax_output_clip="none")
+        MultiMaxTrainer(
+            model=model, args=TrainingArguments(output_dir="unused", report_to=[]), multimax_output_clip="none"
+        )
 
 
 def test_other_learnable_attention_parameters_skip_weight_decay_too(tmp_path):
@@ -220,6 +259,7 @@ def test_other_learnable_attention_parameters_skip_weight_decay_too(tmp_path):
     assert names == {f"model.layers.{i}.self_attn.entmax_alpha.pre_alpha" for i in range(2)}
     groups = {g["name"]: g for g in hf_multimax.multimax_parameter_groups(model, weight_decay=0.1)}
     assert {id(p) for p in groups["multimax"]["params"]} == {id(dict(model.named_parameters())[n]) for n in names}
-    trainer = MultiMaxTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1,
-                                                                  report_to=[]))  # fmt: skip
+    trainer = MultiMaxTrainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, report_to=[])
+    )
     assert not set(trainer.get_decay_parameter_names(model)) & names

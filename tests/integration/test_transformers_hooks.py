@@ -17,8 +17,14 @@ from scripts import ROOT
 
 def python(code: str) -> str:
     """Run ``code`` in a fresh interpreter (nothing imported yet); return its stdout."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -27,7 +33,8 @@ HEAVY = ("transformers.trainer", "datasets", "peft", "evaluate", "entmax", "matp
 
 
 def test_import_loads_nothing_and_a_multimax_model_needs_nothing_heavy():
-    out = json.loads(python(f"""
+    out = json.loads(
+        python(f"""
         import json, sys
         import hf_multimax
         after_import = sorted(m for m in ("torch", "transformers", *{HEAVY!r}) if m in sys.modules)
@@ -39,12 +46,14 @@ def test_import_loads_nothing_and_a_multimax_model_needs_nothing_heavy():
         model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
         print(json.dumps({{"after_import": after_import, "seglus": len(hf_multimax.multimax_modules(model)),
                           "loaded": sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
-    """))
+    """)
+    )
     assert out == {"after_import": [], "seglus": 2, "loaded": []}
 
 
 def test_help_imports_neither_torch_nor_transformers():
-    out = json.loads(python("""
+    out = json.loads(
+        python("""
         import contextlib, io, json, sys
         from hf_multimax.cli import main
         with contextlib.redirect_stdout(io.StringIO()) as text:
@@ -54,7 +63,8 @@ def test_help_imports_neither_torch_nor_transformers():
                 code = exit.code
         print(json.dumps({"code": code, "usage": "usage: hf-multimax" in text.getvalue(),
                           "loaded": sorted(m for m in ("torch", "transformers") if m in sys.modules)}))
-    """))
+    """)
+    )
     assert out == {"code": 0, "usage": True, "loaded": []}
 
 
@@ -69,7 +79,8 @@ def test_hooks_install_when_transformers_was_imported_first():
 
 
 def test_unregister_restores_every_patched_attribute_and_registration():
-    out = json.loads(python("""
+    out = json.loads(
+        python("""
         import json
         from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
         from transformers.masking_utils import AttentionMaskInterface
@@ -89,9 +100,14 @@ def test_unregister_restores_every_patched_attribute_and_registration():
         again = "multimax" in AttentionInterface().valid_keys()
         print(json.dumps({"changed": before != during, "restored": before == after, "again": again,
                           "patched": sorted(k for k in before["model"] if before["model"][k] != during["model"][k])}))
-    """))
-    assert out == {"changed": True, "restored": True, "again": True,
-                   "patched": sorted(hook.name for hook in hooks.HOOKS)}  # fmt: skip
+    """)
+    )
+    assert out == {
+        "changed": True,
+        "restored": True,
+        "again": True,
+        "patched": sorted(hook.name for hook in hooks.HOOKS),
+    }
 
 
 STOCK_MODELS = """
@@ -131,7 +147,9 @@ def test_stock_softmax_models_are_bit_identical_with_and_without_hf_multimax(tmp
     script.write_text(textwrap.dedent(STOCK_MODELS))
     runs = []
     for mode in ("without", "with"):
-        done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(script), mode], capture_output=True, text=True, cwd=ROOT, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(json.loads(done.stdout))
     without, with_ = runs
@@ -160,10 +178,18 @@ def test_a_changed_signature_is_named_and_left_unpatched():
 
     problems = hooks.check_compatibility({"PreTrainedModel": Changed})
     assert len(problems) == 2
-    assert any(p.startswith("transformers.PreTrainedModel._initialize_weights now takes (self, submodule, "
-                            "is_custom_code); hf-multimax expects it to start with (self, module)") for p in problems)
-    assert any(p == "transformers.PreTrainedModel._adjust_missing_and_unexpected_keys does not exist in this "
-                    "Transformers version" for p in problems)  # fmt: skip
+    assert any(
+        p.startswith(
+            "transformers.PreTrainedModel._initialize_weights now takes (self, submodule, "
+            "is_custom_code); hf-multimax expects it to start with (self, module)"
+        )
+        for p in problems
+    )
+    assert any(
+        p == "transformers.PreTrainedModel._adjust_missing_and_unexpected_keys does not exist in this "
+        "Transformers version"
+        for p in problems
+    )
 
     class ChangedTrainer:
         def get_decay_parameter_names(self, model):

@@ -16,8 +16,14 @@ import hf_multimax
 from families import BY_NAME, randomize_multimax
 from hf_multimax.kernels import multimax_attention, ops
 
-COMPILED = [("llama", {}), ("llama", {"multimax_output": True}), ("bert", {}), ("t5", {}),
-            ("t5", {"multimax_output": True}), ("vit", {})]  # fmt: skip
+COMPILED = [
+    ("llama", {}),
+    ("llama", {"multimax_output": True}),
+    ("bert", {}),
+    ("t5", {}),
+    ("t5", {"multimax_output": True}),
+    ("vit", {}),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +50,9 @@ def loss_and_grads(model, inputs):
     model.zero_grad(set_to_none=True)
     loss = model(**inputs).loss
     loss.backward()
-    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters()
-                           if p.grad is not None}
+    return loss.detach(), {
+        n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("name,flags", COMPILED, ids=[f"{n}-{'-'.join(f) or 'attention'}" for n, f in COMPILED])
@@ -121,9 +128,17 @@ def test_trainer_with_torch_compile_trains_a_multimax_model(tmp_path):
     randomize_multimax(model)
     before = model.model.layers[0].self_attn.multimax.multimax_ts.detach().clone()
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(4, 64, (8, 12))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], save_strategy="no", use_cpu=True, torch_compile=True,
-                             torch_compile_backend="aot_eager")  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        torch_compile=True,
+        torch_compile_backend="aot_eager",
+    )
     trainer = hf_multimax.MultiMaxTrainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -168,8 +183,17 @@ def test_opcheck_on_the_attention_operators(case):
     torch.library.opcheck(ops.attention, forward_args)
     out, stats = ops.attention(*forward_args)
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args[:8]]
-    backward_args = (torch.randn_like(out), *detached, out.detach(), stats.detach(), 0.35, case == "causal", dropout,
-                     bias is not None, "auto")  # fmt: skip
+    backward_args = (
+        torch.randn_like(out),
+        *detached,
+        out.detach(),
+        stats.detach(),
+        0.35,
+        case == "causal",
+        dropout,
+        bias is not None,
+        "auto",
+    )
     torch.library.opcheck(ops.attention_backward, backward_args)
 
 

@@ -63,11 +63,15 @@ def test_save_and_reload_is_bit_identical(tmp_path):
     assert config["multimax_init"] == "identity" and config["multimax_output"] is False
 
     # "paper" asks for random init; the checkpoint's values must win and never be re-initialised
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mm", attn_implementation="multimax", multimax_init="paper")
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "mm", attn_implementation="multimax", multimax_init="paper"
+    )
     for name, seglu in hf_multimax.multimax_modules(model).items():
         other = reloaded.get_submodule(name)
         assert other.multimax_ts.shape == (4, 6)
-        assert torch.equal(other.multimax_ts, seglu.multimax_ts) and torch.equal(other.multimax_ranges, seglu.multimax_ranges)
+        assert torch.equal(other.multimax_ts, seglu.multimax_ts) and torch.equal(
+            other.multimax_ranges, seglu.multimax_ranges
+        )
     inputs = LLAMA.inputs()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, model.eval()(**inputs).logits)
@@ -161,7 +165,9 @@ def test_bad_flags_fail_before_any_weight_is_touched(tmp_path, flag, value, word
 def test_wrong_parameter_shape_in_checkpoint_is_named(tmp_path):
     model = LLAMA.build("multimax")
     model.save_pretrained(tmp_path / "mm")
-    with pytest.raises(ValueError, match=r"multimax_ranges` has shape \(4,\) in the checkpoint but the model expects \(6,\)"):
+    with pytest.raises(
+        ValueError, match=r"multimax_ranges` has shape \(4,\) in the checkpoint but the model expects \(6,\)"
+    ):
         AutoModelForCausalLM.from_pretrained(tmp_path / "mm", attn_implementation="multimax", multimax_order=3)
 
 

@@ -86,8 +86,15 @@ def test_random_parameters_match_formula(family, per_head):
 # (family, padding side): BERT pools its first token and uses absolute positions, so it is checked with right padding
 @pytest.mark.parametrize(
     "name, side",
-    [("llama", "left"), ("llama", "right"), ("gpt2", "left"), ("gpt2", "right"), ("bert", "right"), ("t5", "left"),
-     ("t5", "right")],
+    [
+        ("llama", "left"),
+        ("llama", "right"),
+        ("gpt2", "left"),
+        ("gpt2", "right"),
+        ("bert", "right"),
+        ("t5", "left"),
+        ("t5", "right"),
+    ],
 )
 def test_padding_does_not_change_real_tokens(name, side):
     family = BY_NAME[name]
@@ -180,8 +187,14 @@ def test_softcapping_is_refused_loudly():
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     config = Gemma2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, vocab_size=64, attn_logit_softcapping=50.0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+        attn_logit_softcapping=50.0,
     )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="multimax")
     with pytest.raises(ValueError, match="does not support `softcap`"):

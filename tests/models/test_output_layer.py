@@ -26,7 +26,10 @@ def test_head_logits_and_loss_go_through_sigma(name, attention):
     randomize_multimax(model, scale=0.5)
     head = hf_multimax.modeling.output_head(model)
     head_seglu = [s for n, s in hf_multimax.multimax_modules(model).items() if model.get_submodule(n) is head.multimax]
-    assert len(head_seglu) == 1 and len(hf_multimax.multimax_modules(model)) == 1 + (attention == "multimax") * family.attention_modules
+    assert (
+        len(head_seglu) == 1
+        and len(hf_multimax.multimax_modules(model)) == 1 + (attention == "multimax") * family.attention_modules
+    )
     plain = family.build(attention)
     clone_weights(model, plain)
     for n, s in hf_multimax.multimax_modules(plain).items():  # same attention parameters when attention is MultiMax
@@ -43,7 +46,9 @@ def test_head_logits_and_loss_go_through_sigma(name, attention):
             reference_logits[:, :-1].reshape(-1, reference_logits.shape[-1]), labels[:, 1:].reshape(-1)
         )
     elif family.kind == "seq2seq":
-        expected = torch.nn.functional.cross_entropy(reference_logits.reshape(-1, reference_logits.shape[-1]), labels.reshape(-1))
+        expected = torch.nn.functional.cross_entropy(
+            reference_logits.reshape(-1, reference_logits.shape[-1]), labels.reshape(-1)
+        )
     else:
         expected = torch.nn.functional.cross_entropy(reference_logits, labels)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,13 @@ import pytest
 import torch
 from entmax import entmax15, entmax_bisect, sparsemax
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AttentionInterface, BertConfig, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AttentionInterface,
+    BertConfig,
+    LlamaConfig,
+)
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_multimax  # noqa: F401  (registers the implementations)
@@ -172,14 +178,30 @@ def test_refuses_softcap():
 
 
 def llama_config():
-    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, pad_token_id=0,
-                       initializer_range=0.2)
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )
 
 
 def bert_config():
-    return BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
-                      max_position_embeddings=64, num_labels=3, initializer_range=0.2)
+    return BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        initializer_range=0.2,
+    )
 
 
 def text_inputs(seed=1):

@@ -13,17 +13,27 @@ from hf_multimax.compare.statistics import format_aligned, summarize
 
 
 def run(impl, seed, ppl, loss=2.0, error=None, attention=None):
-    record = {"implementation": impl, "seed": seed, "train_loss": loss + seed / 10, "time_per_step": 0.01,
-              "metrics": {"eval_loss": math.log(ppl), "perplexity": ppl, **(attention or {})},
-              "losses": [[1, 3.0 + seed], [2, 2.5 + seed], [3, loss + seed]], "output_dir": f"/x/{impl}/seed_{seed}"}
+    record = {
+        "implementation": impl,
+        "seed": seed,
+        "train_loss": loss + seed / 10,
+        "time_per_step": 0.01,
+        "metrics": {"eval_loss": math.log(ppl), "perplexity": ppl, **(attention or {})},
+        "losses": [[1, 3.0 + seed], [2, 2.5 + seed], [3, loss + seed]],
+        "output_dir": f"/x/{impl}/seed_{seed}",
+    }
     if error:
         record["error"] = error
     return record
 
 
 def results(runs, implementations=("sdpa", "multimax", "broken")):
-    state = {"settings": {"task": "lm", "max_train_steps": 3, "multimax": {}, "script": {}, "script_args": []},
-             "implementations": list(implementations), "seeds": [0, 1, 2], "runs": runs}
+    state = {
+        "settings": {"task": "lm", "max_train_steps": 3, "multimax": {}, "script": {}, "script_args": []},
+        "implementations": list(implementations),
+        "seeds": [0, 1, 2],
+        "runs": runs,
+    }
     return build_results(state, seconds=1.0, machine={"cpu": "test"}, command_line="hf-multimax compare")
 
 
@@ -76,9 +86,11 @@ def test_results_json_has_no_nan_and_the_figures_are_pngs(tmp_path):
 
 def test_training_failure_and_aligned_formatting():
     assert training_failure({"losses": [[1, 2.0], [2, float("nan")]], "metrics": {"eval_loss": 1.0}}).startswith(
-        "non-finite training loss (nan) at step 2")
+        "non-finite training loss (nan) at step 2"
+    )
     assert training_failure({"losses": [[1, 2.0]], "metrics": {"eval_loss": float("inf")}}).startswith(
-        "non-finite evaluation loss")
+        "non-finite evaluation loss"
+    )
     assert training_failure({"losses": [[1, 2.0]], "metrics": {"eval_loss": 1.0}}) is None
     assert format_aligned(summarize([0.97, 0.98, 0.99])) == "0.980 ± 0.025"
     assert format_aligned(summarize([4.2])) == "4.2"

@@ -33,7 +33,9 @@ needs_cpu_kernel = pytest.mark.skipif(not CPU_KERNEL, reason=f"CPU kernel unavai
 # helpers
 
 
-def attention_module(order: int, heads: int | None, *, causal: bool = False, n_rep: int = 1, seed: int = 0) -> nn.Module:
+def attention_module(
+    order: int, heads: int | None, *, causal: bool = False, n_rep: int = 1, seed: int = 0
+) -> nn.Module:
     """A stand-in attention module with random (non-identity) MultiMax parameters."""
     module = nn.Module()
     module.multimax = SegLU(order, heads)
@@ -69,7 +71,9 @@ def grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
     """Tolerance relative to the tensor's scale (parameter gradients are sums over every score)."""
     scale = max(1.0, expected.detach().abs().max().item())
-    torch.testing.assert_close(actual.float(), expected.float(), atol=tol * scale, rtol=tol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=tol * scale, rtol=tol, msg=lambda m: f"{name}: {m}"
+    )
 
 
 CASES = {
@@ -121,8 +125,9 @@ def test_matches_reference_float32(case, order, per_head, backend):
     module = attention_module(order, q.shape[1] if per_head else None, n_rep=q.shape[1] // k.shape[1])
     inputs = [q, k, v, *params(module)] + ([bias] if bias is not None else [])
     expected = reference(module, q, k, v, mask, bias, causal)
-    out = multimax_attention(q, k, v, *params(module), attention_mask=mask, is_causal=causal, position_bias=bias,
-                             backend=backend)  # fmt: skip
+    out = multimax_attention(
+        q, k, v, *params(module), attention_mask=mask, is_causal=causal, position_bias=bias, backend=backend
+    )
     assert torch.isfinite(out).all()
     assert_close(out, expected, 1e-5, "output")
     names = ["dq", "dk", "dv", "d_ranges", "d_ts", "d_bias"]
@@ -266,8 +271,9 @@ def test_strided_inputs_are_not_copied_and_still_correct(cpu_target):
     q = torch.randn(2, 33, 4, 16, generator=gen).transpose(1, 2).requires_grad_()
     k = torch.randn(2, 33, 2, 16, generator=gen).transpose(1, 2).requires_grad_()
     v = torch.randn(2, 33, 2, 16, generator=gen).transpose(1, 2).requires_grad_()
-    problem = AttentionProblem.build(q, k, v, torch.zeros(4), torch.zeros(4), scale=0.25, mask=None, causal=True,
-                                     bias=None, dropout_p=0.0)  # fmt: skip
+    problem = AttentionProblem.build(
+        q, k, v, torch.zeros(4), torch.zeros(4), scale=0.25, mask=None, causal=True, bias=None, dropout_p=0.0
+    )
     assert problem.q.data_ptr() == q.data_ptr()  # float32 rows with unit stride: used in place
     module = attention_module(2, None, n_rep=2)
     expected = reference(module, q, k, v, None, None, True)
@@ -286,8 +292,9 @@ def test_backward_split_over_key_blocks(case, monkeypatch, cpu_target):
     module = attention_module(2, q.shape[1], n_rep=q.shape[1] // k.shape[1])
     inputs = [q, k, v, *params(module)] + ([bias] if bias is not None else [])
     expected = reference(module, q, k, v, mask, bias, causal)
-    out = multimax_attention(q, k, v, *params(module), attention_mask=mask, is_causal=causal, position_bias=bias,
-                             backend="cpu")  # fmt: skip
+    out = multimax_attention(
+        q, k, v, *params(module), attention_mask=mask, is_causal=causal, position_bias=bias, backend="cpu"
+    )
     for got, want in zip(grads(out, inputs), grads(expected, inputs)):
         assert_close(got, want, 2e-5)
 
@@ -298,8 +305,9 @@ def test_backward_split_over_key_blocks(case, monkeypatch, cpu_target):
 
 def test_dropout_mask_is_unbiased_and_reproducible():
     q, k, v, _, _, _ = make_inputs("causal")
-    problem = AttentionProblem.build(q, k, v, torch.zeros(4), torch.zeros(4), scale=1.0, mask=None, causal=False,
-                                     bias=None, dropout_p=0.25, seed=123)  # fmt: skip
+    problem = AttentionProblem.build(
+        q, k, v, torch.zeros(4), torch.zeros(4), scale=1.0, mask=None, causal=False, bias=None, dropout_p=0.25, seed=123
+    )
     keep = dropout_keep_scale(problem, 0, q.shape[2], 0, k.shape[2])
     assert torch.equal(keep.unique(), torch.tensor([0.0, 1 / 0.75]))
     assert abs((keep > 0).float().mean().item() - 0.75) < 0.03
@@ -316,11 +324,13 @@ def test_dropout_matches_reference_with_the_same_mask(backend):
     q, k, v, mask, bias, _ = make_inputs("position_bias")
     module = attention_module(2, q.shape[1])
     torch.manual_seed(5)
-    out = multimax_attention(q, k, v, *params(module), attention_mask=mask, position_bias=bias, dropout_p=0.3,
-                             backend=backend)  # fmt: skip
+    out = multimax_attention(
+        q, k, v, *params(module), attention_mask=mask, position_bias=bias, dropout_p=0.3, backend=backend
+    )
     torch.manual_seed(5)
-    problem = AttentionProblem.build(q, k, v, *params(module), scale=q.shape[-1] ** -0.5, mask=mask, causal=False,
-                                     bias=bias, dropout_p=0.3)  # fmt: skip
+    problem = AttentionProblem.build(
+        q, k, v, *params(module), scale=q.shape[-1] ** -0.5, mask=mask, causal=False, bias=bias, dropout_p=0.3
+    )
     keep = dropout_keep_scale(problem, 0, q.shape[2], 0, k.shape[2])
     scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + bias
     weights = safe_softmax(module.multimax(scores).masked_fill(~mask, float("-inf")), dim=-1) * keep
@@ -428,9 +438,16 @@ def test_flex_score_mod_matches_reference():
         with torch.no_grad():
             expected = reference(module, q, k, v, mask, bias, causal)
             out = flex.flex_multimax_attention(
-                q, k, v, *params(module), scale=q.shape[-1] ** -0.5, attention_mask=mask, is_causal=causal,
-                position_bias=bias, compile=False,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                *params(module),
+                scale=q.shape[-1] ** -0.5,
+                attention_mask=mask,
+                is_causal=causal,
+                position_bias=bias,
+                compile=False,
+            )
         assert_close(out, expected, 1e-5, case)
 
 
@@ -481,9 +498,17 @@ def _assert_same_model_outputs(first, second) -> None:
 def test_tiny_llama_same_logits_and_grads(per_head):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         multimax_per_head=per_head, multimax_order=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        multimax_per_head=per_head,
+        multimax_order=2,
+    )
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :3] = 0  # left padding: fully masked query rows
@@ -496,8 +521,15 @@ def test_tiny_llama_same_logits_and_grads(per_head):
 def test_tiny_llama_kv_cache_decoding_matches():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     results = []
     for impl in ("multimax_eager", "multimax"):
@@ -505,8 +537,15 @@ def test_tiny_llama_kv_cache_decoding_matches():
         model = LlamaForCausalLM._from_config(config, attn_implementation=impl).eval()
         _randomise_multimax(model)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                                 output_scores=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=4,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
         results.append(out)
     assert torch.equal(results[0].sequences, results[1].sequences)
     for a, b in zip(results[0].scores, results[1].scores):
@@ -516,9 +555,21 @@ def test_tiny_llama_kv_cache_decoding_matches():
 def test_tiny_t5_position_bias_and_cross_attention():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
-                      multimax_per_head=True, multimax_order=3)  # fmt: skip
+    config = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.0,
+        multimax_per_head=True,
+        multimax_order=3,
+    )
     gen = torch.Generator().manual_seed(2)
     input_ids = torch.randint(1, 64, (2, 9), generator=gen)
     attention_mask = torch.ones_like(input_ids)

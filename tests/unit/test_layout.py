@@ -13,8 +13,23 @@ PACKAGE = ROOT / "hf_multimax"
 #: Layers from the bottom up; a module may import its own layer and the ones below. The facade (the package's
 #: ``__init__``, which only loads names on demand, and ``_compat``'s table of moved modules) sits above them all.
 LAYERS = (
-    ("core", ("_version", "config", "functional", "masking", "modeling", "kernels", "attention", "comparators", "loss",
-              "registry", "data", "checkpoint")),
+    (
+        "core",
+        (
+            "_version",
+            "config",
+            "functional",
+            "masking",
+            "modeling",
+            "kernels",
+            "attention",
+            "comparators",
+            "loss",
+            "registry",
+            "data",
+            "checkpoint",
+        ),
+    ),
     ("training", ("training",)),
     ("integrations", ("integrations",)),
     ("analysis", ("analysis",)),
@@ -22,7 +37,7 @@ LAYERS = (
     ("finetune", ("finetune",)),
     ("compare", ("compare",)),
     ("cli", ("cli",)),
-)  # fmt: skip
+)
 FACADE = {"hf_multimax", "hf_multimax._compat"}
 
 
@@ -48,17 +63,23 @@ def test_no_import_from_a_lower_layer_into_a_higher_one(import_graph):
     modules, edges = import_graph
     upward = [
         f"{source} ({LAYERS[layer_of(source)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
-        for source, targets in edges.items() if source not in FACADE
-        for target in targets if target not in FACADE and layer_of(target) > layer_of(source)
-    ]  # fmt: skip
+        for source, targets in edges.items()
+        if source not in FACADE
+        for target in targets
+        if target not in FACADE and layer_of(target) > layer_of(source)
+    ]
     assert upward == []
     assert all(layer_of(m) is not None for m in modules if m not in FACADE)
 
 
 def test_library_modules_never_import_the_command_line(import_graph):
     _, edges = import_graph
-    offenders = [(s, t) for s, targets in edges.items() for t in targets
-                 if t.startswith("hf_multimax.cli") and not s.startswith("hf_multimax.cli")]  # fmt: skip
+    offenders = [
+        (s, t)
+        for s, targets in edges.items()
+        for t in targets
+        if t.startswith("hf_multimax.cli") and not s.startswith("hf_multimax.cli")
+    ]
     assert offenders == []
 
 

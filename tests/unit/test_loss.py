@@ -14,7 +14,6 @@ from hf_multimax.loss import (
 )
 
 
-
 def make(n=37, hidden=16, vocab=101, order=2, bias=True, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(n, hidden, generator=gen).to(dtype).requires_grad_()
@@ -44,8 +43,9 @@ def check(fused_loss, ref_loss, inputs, tol):
 def test_same_loss_and_gradients_as_unfused(backend, order, chunk_size, bias, reduction):
     h, w, b, r, t, labels = make(order=order, bias=bias)
     ref = unfused_linear_seglu_cross_entropy(h, w, b, r, t, labels, reduction=reduction)
-    got = fused_linear_seglu_cross_entropy(h, w, b, r, t, labels, chunk_size=chunk_size, reduction=reduction,
-                                           backend=backend)  # fmt: skip
+    got = fused_linear_seglu_cross_entropy(
+        h, w, b, r, t, labels, chunk_size=chunk_size, reduction=reduction, backend=backend
+    )
     check(got, ref, inputs_of(h, w, b, r, t), 1e-5)
 
 
@@ -118,8 +118,15 @@ def test_errors_and_edge_cases():
 def test_causal_lm_loss_matches_model_loss():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, multimax_output=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        multimax_output=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(config, attn_implementation="multimax")
     with torch.no_grad():
@@ -144,8 +151,14 @@ def test_causal_lm_loss_matches_model_loss():
 def test_causal_lm_loss_needs_output_multimax():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM._from_config(config)
     with pytest.raises(ValueError, match="multimax_output"):
         causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), input_ids=torch.zeros(1, 3, dtype=torch.long))

@@ -73,8 +73,10 @@ def test_fused_and_reference_agree_on_fully_masked_rows(kind):
     fused, _ = AttentionInterface()["multimax"](module, q, k, v, mask, scaling=0.5)
     reference, _ = AttentionInterface()["multimax_eager"](module, q, k, v, mask, scaling=0.5)
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-    for got, want in zip(torch.autograd.grad(fused.sum(), [q, k, v, *module.multimax.parameters()]),
-                         torch.autograd.grad(reference.sum(), [q, k, v, *module.multimax.parameters()])):  # fmt: skip
+    for got, want in zip(
+        torch.autograd.grad(fused.sum(), [q, k, v, *module.multimax.parameters()]),
+        torch.autograd.grad(reference.sum(), [q, k, v, *module.multimax.parameters()]),
+    ):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -98,7 +100,9 @@ def test_padded_encoder_positions_do_not_leak_through_cross_attention(family, na
     outputs = []
     with torch.no_grad():
         for states in (hidden, garbage):
-            out = model(encoder_outputs=(states,), attention_mask=enc_mask, decoder_input_ids=batch["decoder_input_ids"])
+            out = model(
+                encoder_outputs=(states,), attention_mask=enc_mask, decoder_input_ids=batch["decoder_input_ids"]
+            )
             outputs.append(out.logits)
     assert torch.isfinite(outputs[0]).all()
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ def lengths_of(n: int, seed: int = 0) -> list[int]:
 
 
 def padded_tokens(order: list[int], lengths: list[int], batch_size: int) -> int:
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
 
 
@@ -29,7 +29,9 @@ def test_every_example_once_and_batches_of_similar_length():
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
     # Padding to the longest of each batch: grouped batches pad a small fraction of what random batches pad.
     real = sum(lengths)
-    assert padded_tokens(order, lengths, batch_size) - real < 0.1 * (padded_tokens(shuffled, lengths, batch_size) - real)
+    assert padded_tokens(order, lengths, batch_size) - real < 0.1 * (
+        padded_tokens(shuffled, lengths, batch_size) - real
+    )
 
 
 def test_order_depends_on_seed_and_epoch_only():
@@ -59,7 +61,7 @@ def test_the_order_is_transformers_grouping_with_its_period(n, batch_size, group
     assert order == get_length_grouped_indices(lengths, batch_size, generator=generator)
     size = groups * batch_size
     for start in range(0, n, size):  # the first element of one mega-batch is swapped with the longest overall
-        chunk = [lengths[i] for i in order[start + 1:start + size]]
+        chunk = [lengths[i] for i in order[start + 1 : start + size]]
         assert chunk == sorted(chunk, reverse=True)
 
 

@@ -78,8 +78,9 @@ def to_device(tensors):
 
 
 def run(backend, q, k, v, module, mask, bias, causal, **kwargs):
-    return multimax_attention(q, k, v, *params(module), attention_mask=mask, is_causal=causal, position_bias=bias,
-                              backend=backend, **kwargs)  # fmt: skip
+    return multimax_attention(
+        q, k, v, *params(module), attention_mask=mask, is_causal=causal, position_bias=bias, backend=backend, **kwargs
+    )
 
 
 def reference_f64(module, q, k, v, mask, bias, causal):
@@ -146,8 +147,10 @@ SMALL_TILES = {
 }
 
 
-@pytest.mark.parametrize("case,tiles", [("causal", "mixed"), ("causal", "mixed_t"), ("left_padding_bool", "mixed_t"),
-                                        ("position_bias", "mixed")])
+@pytest.mark.parametrize(
+    "case,tiles",
+    [("causal", "mixed"), ("causal", "mixed_t"), ("left_padding_bool", "mixed_t"), ("position_bias", "mixed")],
+)
 def test_small_tiles(case, tiles, monkeypatch):
     monkeypatch.setattr(triton_kernel, "TILES", SMALL_TILES[tiles])
     q, k, v, mask, bias, causal = to_device(make_inputs(case, seed=1))
@@ -176,8 +179,9 @@ def test_causal_more_queries_than_keys_scale_and_strided_inputs():
     k = torch.randn(1, 45, 2, 16, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
     v = torch.randn(1, 45, 2, 16, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
     module = attention_module(2, 4, n_rep=2).to(DEVICE)
-    problem = AttentionProblem.build(q, k, v, *params(module), scale=0.7, mask=None, causal=True, bias=None,
-                                     dropout_p=0.0, native_dtype=True)  # fmt: skip
+    problem = AttentionProblem.build(
+        q, k, v, *params(module), scale=0.7, mask=None, causal=True, bias=None, dropout_p=0.0, native_dtype=True
+    )
     assert problem.q.data_ptr() == q.data_ptr()  # used in place, strides passed to the kernel
     inputs = [q, k, v, *params(module)]
     out = multimax_attention(q, k, v, *params(module), is_causal=True, scale=0.7, backend="triton")
@@ -196,8 +200,14 @@ def test_forward_and_backward_contract_match_blocked():
     mask[1, :, 3] = False  # a fully masked row: m = -inf, log l = 0
     gen = torch.Generator().manual_seed(9)
     ranges, ts = torch.randn(2, 4, generator=gen) * 0.5, torch.randn(2, 4, generator=gen) * 0.3
-    p = AttentionProblem.build(*to_device([q, k, v, ranges, ts]), scale=0.4, mask=mask.to(DEVICE), causal=False,
-                               bias=bias.detach().to(DEVICE), dropout_p=0.0)  # fmt: skip
+    p = AttentionProblem.build(
+        *to_device([q, k, v, ranges, ts]),
+        scale=0.4,
+        mask=mask.to(DEVICE),
+        causal=False,
+        bias=bias.detach().to(DEVICE),
+        dropout_p=0.0,
+    )
     out, stats = triton_kernel.forward(p)
     want_out, want_stats = blocked.forward(p)
     assert out.shape == want_out.shape and stats.shape == want_stats.shape == (2, 2, 2, 13)
@@ -349,8 +359,9 @@ def test_gradcheck_float64():
 
         def fn(q, k, v, ranges, ts, bias):
             torch.manual_seed(7)  # the same dropout mask at every evaluation
-            return multimax_attention(q, k, v, ranges, ts, attention_mask=mask, position_bias=bias, dropout_p=dropout,
-                                      backend="triton")  # fmt: skip
+            return multimax_attention(
+                q, k, v, ranges, ts, attention_mask=mask, position_bias=bias, dropout_p=dropout, backend="triton"
+            )
 
         case = (order, per_head, dropout)
         assert torch.autograd.gradcheck(fn, (q, k, v, ranges, ts, bias), fast_mode=True), case
@@ -360,8 +371,9 @@ def test_gradcheck_float64():
     ts = (torch.randn(4, generator=gen, **f64) * 0.5).to(DEVICE).requires_grad_()
     q2 = torch.randn(1, 2, 6, 3, generator=gen, **f64).to(DEVICE).requires_grad_()
     k2, v2 = (torch.randn(1, 1, 4, 3, generator=gen, **f64).to(DEVICE).requires_grad_() for _ in range(2))
-    assert torch.autograd.gradcheck(lambda *a: multimax_attention(*a, is_causal=True, backend="triton"),
-                                    (q2, k2, v2, ranges, ts), fast_mode=True)  # fmt: skip
+    assert torch.autograd.gradcheck(
+        lambda *a: multimax_attention(*a, is_causal=True, backend="triton"), (q2, k2, v2, ranges, ts), fast_mode=True
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -381,8 +393,9 @@ def test_dropout_is_bit_for_bit_the_blocked_mask():
         out = run(backend, q, k, v, module, mask, bias, False, dropout_p=0.3)
         results[backend] = [out, *grads(out, inputs)]
     torch.manual_seed(5)
-    problem = AttentionProblem.build(q, k, v, *params(module), scale=q.shape[-1] ** -0.5, mask=mask, causal=False,
-                                     bias=bias, dropout_p=0.3)  # fmt: skip
+    problem = AttentionProblem.build(
+        q, k, v, *params(module), scale=q.shape[-1] ** -0.5, mask=mask, causal=False, bias=bias, dropout_p=0.3
+    )
     keep = dropout_keep_scale(problem, 0, q.shape[2], 0, k.shape[2])
     scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + bias
     weights = safe_softmax(module.multimax(scores).masked_fill(~mask, float("-inf")), dim=-1) * keep
@@ -406,8 +419,9 @@ def test_dropout_keep_mask_itself(monkeypatch):
     torch.manual_seed(11)
     out = multimax_attention(q, k, v, zeros, zeros, dropout_p=0.4, backend="triton")  # (b, lq, h, lk)
     torch.manual_seed(11)
-    problem = AttentionProblem.build(q, k, v, zeros, zeros, scale=1.0, mask=None, causal=False, bias=None,
-                                     dropout_p=0.4)  # fmt: skip
+    problem = AttentionProblem.build(
+        q, k, v, zeros, zeros, scale=1.0, mask=None, causal=False, bias=None, dropout_p=0.4
+    )
     keep = dropout_keep_scale(problem, 0, lq, 0, lk)
     assert torch.equal(out.transpose(1, 2) != 0, keep != 0)
 
@@ -508,8 +522,13 @@ def test_compiles_for_the_gpu_and_interprets_whatever_imported_triton_first():
     compile_check = importlib.util.find_spec("triton.backends.nvidia") is not None
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     package = os.path.dirname(os.path.dirname(os.path.abspath(triton_kernel.__file__)))
-    proc = subprocess.run([sys.executable, "-c", SUBPROCESS_CHECK, "1" if compile_check else "0", package],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_CHECK, "1" if compile_check else "0", package],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
     assert ("compiled" in proc.stdout) == compile_check
 

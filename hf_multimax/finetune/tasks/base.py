@@ -28,22 +28,79 @@ __all__ = ["Task", "TINY_CONFIGS", "load_raw_datasets"]
 #: Tiny from-scratch architectures (2 layers, width 64, 4 heads): seconds per epoch on a laptop CPU. Dropout is 0 so
 #: that two runs from one seed differ only by their attention. ``--config_overrides`` changes any field.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True),
-    "gpt2": dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                 tie_word_embeddings=True),
-    "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
-               tie_word_embeddings=True),
-    "bart": dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2, decoder_layers=2,
-                 encoder_attention_heads=4, decoder_attention_heads=4, dropout=0.0, attention_dropout=0.0,
-                 activation_dropout=0.0),
-    "marian": dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2, decoder_layers=2,
-                   encoder_attention_heads=4, decoder_attention_heads=4, dropout=0.0, attention_dropout=0.0,
-                   activation_dropout=0.0, share_encoder_decoder_embeddings=True),
-    "vit": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=2,
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_channels=3),
-    "deit": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=2,
-                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_channels=3),
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "gpt2": dict(
+        n_embd=64,
+        n_inner=128,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    ),
+    "t5": dict(
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        tie_word_embeddings=True,
+    ),
+    "bart": dict(
+        d_model=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    ),
+    "marian": dict(
+        d_model=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        share_encoder_decoder_embeddings=True,
+    ),
+    "vit": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_channels=3,
+    ),
+    "deit": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_channels=3,
+    ),
 }
 
 
@@ -57,7 +114,9 @@ def _builder_for(path: str) -> str:
         return "json"
     if extension in ("csv", "tsv"):
         return "csv"
-    raise ValueError(f"cannot tell the format of {path!r}: use a .csv, .tsv, .json, .jsonl or .txt file (or an image folder)")
+    raise ValueError(
+        f"cannot tell the format of {path!r}: use a .csv, .tsv, .json, .jsonl or .txt file (or an image folder)"
+    )
 
 
 def load_raw_datasets(
@@ -182,8 +241,10 @@ class Task:
             return AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
             flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
-            raise ValueError(f"no tokenizer loads from {flag} {name} ({type(error).__name__}: {str(error).splitlines()[0]})"
-                             "; pass --tokenizer_name NAME_OR_PATH with the model's tokenizer") from error  # fmt: skip
+            raise ValueError(
+                f"no tokenizer loads from {flag} {name} ({type(error).__name__}: {str(error).splitlines()[0]})"
+                "; pass --tokenizer_name NAME_OR_PATH with the model's tokenizer"
+            ) from error
 
     def preprocess(self, args: argparse.Namespace, raw, preprocessor: Any) -> tuple[Any, Any]:
         """Model-ready ``(train_dataset, eval_dataset)``."""
@@ -215,8 +276,9 @@ class Task:
         logits = logits.float()
         if self.shift_labels:
             logits, labels = logits[..., :-1, :], labels[..., 1:]
-        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=-100, reduction="none").view(labels.shape)
+        losses = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
         if labels.dim() == 1:  # one label per example (classification)
             return losses, (labels != -100).float()
         return losses.sum(-1), (labels != -100).sum(-1).float()

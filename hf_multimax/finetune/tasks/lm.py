@@ -35,12 +35,18 @@ class CausalLMTask(Task):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("language modelling")
-        group.add_argument("--text_column_name", default=None,
-                           help="column holding the text (default: 'text', else the first column)")
-        group.add_argument("--block_size", type=int, default=128,
-                           help="length of the training blocks the tokenized corpus is cut into")
-        group.add_argument("--vocab_size", type=int, default=2000,
-                           help="vocabulary size of the BPE tokenizer trained on the corpus when no tokenizer is given")
+        group.add_argument(
+            "--text_column_name", default=None, help="column holding the text (default: 'text', else the first column)"
+        )
+        group.add_argument(
+            "--block_size", type=int, default=128, help="length of the training blocks the tokenized corpus is cut into"
+        )
+        group.add_argument(
+            "--vocab_size",
+            type=int,
+            default=2000,
+            help="vocabulary size of the BPE tokenizer trained on the corpus when no tokenizer is given",
+        )
 
     def build_preprocessor(self, args, raw):
         if args.tokenizer_name or args.model_name_or_path:
@@ -67,22 +73,31 @@ class CausalLMTask(Task):
             # Concatenate all texts and cut them into blocks of block_size, dropping the remainder (as run_clm does).
             concatenated = {k: list(chain(*examples[k])) for k in examples}
             total = (len(concatenated["input_ids"]) // block_size) * block_size
-            result = {k: [t[i: i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
+            result = {k: [t[i : i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
             result["labels"] = result["input_ids"].copy()
             return result
 
         tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing")
-        tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names
-                                              if c not in ("input_ids", "attention_mask")])
-        grouped = tokenized.map(group_texts, batched=True, batch_size=1000, desc=f"Grouping into blocks of {block_size}")
+        tokenized = tokenized.remove_columns(
+            [c for c in tokenized["train"].column_names if c not in ("input_ids", "attention_mask")]
+        )
+        grouped = tokenized.map(
+            group_texts, batched=True, batch_size=1000, desc=f"Grouping into blocks of {block_size}"
+        )
         if len(grouped["validation"]) == 0:
-            raise ValueError(f"the validation split is shorter than one block of {block_size} tokens; lower "
-                             "--block_size or raise --validation_split_percentage")
+            raise ValueError(
+                f"the validation split is shorter than one block of {block_size} tokens; lower "
+                "--block_size or raise --validation_split_percentage"
+            )
         return grouped["train"], grouped["validation"]
 
     def config_kwargs(self, args, tokenizer, raw):
-        kwargs = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        kwargs = dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         if args.model_type == "gpt2":
             kwargs["n_positions"] = args.block_size
         else:

@@ -46,11 +46,16 @@ class ImageClassificationTask(Task):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("image classification")
-        group.add_argument("--image_column_name", default=None,
-                           help="column holding the images (default: 'image' or 'img')")
+        group.add_argument(
+            "--image_column_name", default=None, help="column holding the images (default: 'image' or 'img')"
+        )
         group.add_argument("--label_column_name", default="label", help="column holding the class labels")
-        group.add_argument("--image_size", type=int, default=8,
-                           help="side length images are resized to for a from-scratch model (8 = the digits' size)")
+        group.add_argument(
+            "--image_size",
+            type=int,
+            default=8,
+            help="side length images are resized to for a from-scratch model (8 = the digits' size)",
+        )
 
     def image_column(self, args, dataset) -> str:
         if args.image_column_name:
@@ -75,8 +80,13 @@ class ImageClassificationTask(Task):
             return AutoImageProcessor.from_pretrained(args.model_name_or_path)
         except (OSError, ValueError) as error:  # a model saved without its processor: the scripts' own, at its size
             size = getattr(AutoConfig.from_pretrained(args.model_name_or_path), "image_size", args.image_size)
-            logger.warning("%s has no image processor (%s); using a %d×%d resize with mean and std 0.5",
-                           args.model_name_or_path, type(error).__name__, size, size)  # fmt: skip
+            logger.warning(
+                "%s has no image processor (%s); using a %d×%d resize with mean and std 0.5",
+                args.model_name_or_path,
+                type(error).__name__,
+                size,
+                size,
+            )
             return build_image_processor(size)
 
     def preprocess(self, args, raw, processor):
@@ -89,8 +99,10 @@ class ImageClassificationTask(Task):
             images = [image.convert("RGB") for image in examples[column]]
             out = processor(images, return_tensors="pt")
             labels = examples[args.label_column_name]
-            return {"pixel_values": out["pixel_values"],
-                    "labels": [to_id[str(label)] for label in labels] if to_id else labels}
+            return {
+                "pixel_values": out["pixel_values"],
+                "labels": [to_id[str(label)] for label in labels] if to_id else labels,
+            }
 
         train, evaluation = raw["train"], raw["validation"]
         train.set_transform(transform)
@@ -99,15 +111,21 @@ class ImageClassificationTask(Task):
 
     def collator(self, args, processor, model):
         def collate(examples):
-            return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-                    "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long)}
+            return {
+                "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+            }
 
         return collate
 
     def config_kwargs(self, args, processor, raw):
         names = self.labels(args, raw)
-        return dict(image_size=args.image_size, num_labels=len(names), id2label=dict(enumerate(names)),
-                    label2id={name: i for i, name in enumerate(names)})
+        return dict(
+            image_size=args.image_size,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+        )
 
     def pretrained_kwargs(self, args, processor, raw):
         kwargs = self.config_kwargs(args, processor, raw)
