@@ -2,8 +2,9 @@
 
 import tempfile
 
-import hf_multimax  # registers attn_implementation="multimax"
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+import hf_multimax  # registers attn_implementation="multimax"
 
 config = LlamaConfig(
     hidden_size=64,
@@ -18,5 +19,6 @@ AutoModelForCausalLM.from_config(config).save_pretrained(path)  # a plain SoftMa
 model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="multimax", multimax_init="paper")
 for name, seglu in hf_multimax.multimax_modules(model).items():
     print(
-        f"{name}: multimax_ranges={seglu.multimax_ranges.data.tolist()}\n{' ' * len(name)}  multimax_ts={seglu.multimax_ts.data.tolist()}"
+        f"{name}: multimax_ranges={seglu.multimax_ranges.data.tolist()}\n"
+        f"{' ' * len(name)}  multimax_ts={seglu.multimax_ts.data.tolist()}"
     )

@@ -11,7 +11,8 @@ batches of 64 grouped by length (948 steps; 2 min 33 s on one thread of a 2-core
     python examples/run_translation.py --model_name_or_path google-t5/t5-small --dataset_name wmt16 \
         --dataset_config_name de-en --source_lang en --target_lang de \
         --source_prefix "translate English to German: " --output_dir out/t5-multimax
-    python examples/run_translation.py --train_file pairs.jsonl --output_dir out/mine   # {"translation": {"en": .., "de": ..}}
+    # pairs.jsonl: one {"translation": {"en": ..., "de": ...}} per line
+    python examples/run_translation.py --train_file pairs.jsonl --output_dir out/mine
 
 The shared steps are in `hf_multimax.finetune`; what is particular to translation (source/target tokenization,
 padding of labels, beam search and BLEU) is `hf_multimax.finetune.tasks.TranslationTask`.

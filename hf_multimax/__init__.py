@@ -1,9 +1,10 @@
 """hf-multimax: MultiMax attention (Zhou, Fritz & Keuper, ICML 2024) for Hugging Face Transformers.
 
-``import hf_multimax`` registers ``attn_implementation="multimax"`` (and the paper's comparators) with Transformers and
+``import hf_multimax`` registers ``attn_implementation="multimax"`` and ``"multimax_eager"`` with Transformers and
 installs the model-lifecycle hooks ``from_pretrained`` needs (:mod:`hf_multimax.integrations.transformers`); they are
 installed the moment Transformers' modeling code is imported (at once if it already is), so the import itself is free.
-``hf_multimax.unregister()`` removes them. The public names below are loaded on first use.
+``hf_multimax.unregister()`` removes them. The paper's comparators (SparseMax, EntMax, Ev-SoftMax) are registered on
+request: :func:`hf_multimax.register_comparators`. The public names below are loaded on first use.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import _compat
 from ._version import __version__
 from .integrations import transformers as _transformers_hooks
 
-#: public name -> module that defines it (imported on first access).
+#: public name -> module that defines it under that name (imported on first access).
 _PUBLIC = {
     "FLAG_DEFAULTS": "hf_multimax.config",
     "MultiMaxSettings": "hf_multimax.config",
@@ -25,7 +25,11 @@ _PUBLIC = {
     "multimax_modules": "hf_multimax.modeling",
     "MULTIMAX": "hf_multimax.registry",
     "ParametricAttention": "hf_multimax.registry",
+    "attach_parameters": "hf_multimax.registry",
+    "register_comparators": "hf_multimax.integrations.transformers",
     "MultiMaxWarning": "hf_multimax.integrations.transformers",
+    "register": "hf_multimax.integrations.transformers",
+    "unregister": "hf_multimax.integrations.transformers",
     "register_attention": "hf_multimax.integrations.transformers",
     "clip_grad_norm_": "hf_multimax.training",
     "multimax_parameter_groups": "hf_multimax.training",
@@ -36,37 +40,53 @@ _PUBLIC = {
     "lora_modules_to_save": "hf_multimax.integrations.peft",
     "multimax_lora_config": "hf_multimax.integrations.peft",
 }
-#: public name -> (module, attribute) where the attribute has another name there.
-_RENAMED = {
-    "attach_multimax": ("hf_multimax.registry", "attach"),
-    "register": ("hf_multimax.integrations.transformers", "install"),
-    "unregister": ("hf_multimax.integrations.transformers", "uninstall"),
-}
 
-__all__ = ["__version__", *_PUBLIC, *_RENAMED]
+__all__ = [
+    "__version__",
+    "FLAG_DEFAULTS",
+    "MultiMaxSettings",
+    "multimax",
+    "seglu",
+    "SegLU",
+    "multimax_modules",
+    "MULTIMAX",
+    "ParametricAttention",
+    "attach_parameters",
+    "register_comparators",
+    "MultiMaxWarning",
+    "register",
+    "unregister",
+    "register_attention",
+    "clip_grad_norm_",
+    "multimax_parameter_groups",
+    "MultiMaxTrainer",
+    "MultiMaxSeq2SeqTrainer",
+    "patch_trainer",
+    "unpatch_trainer",
+    "lora_modules_to_save",
+    "multimax_lora_config",
+]
 
 if TYPE_CHECKING:
     from .config import FLAG_DEFAULTS, MultiMaxSettings
     from .functional import multimax, seglu
     from .integrations.peft import lora_modules_to_save, multimax_lora_config
     from .integrations.trainer import MultiMaxSeq2SeqTrainer, MultiMaxTrainer, patch_trainer, unpatch_trainer
-    from .integrations.transformers import MultiMaxWarning, register_attention
-    from .integrations.transformers import install as register
-    from .integrations.transformers import uninstall as unregister
+    from .integrations.transformers import (
+        MultiMaxWarning,
+        register,
+        register_attention,
+        register_comparators,
+        unregister,
+    )
     from .modeling import SegLU, multimax_modules
-    from .registry import MULTIMAX, ParametricAttention
-    from .registry import attach as attach_multimax
+    from .registry import MULTIMAX, ParametricAttention, attach_parameters
     from .training import clip_grad_norm_, multimax_parameter_groups
 
 
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
-    if name in _RENAMED:
-        module, attribute = _RENAMED[name]
-        return getattr(importlib.import_module(module), attribute)
-    if f"{__name__}.{name}" in _compat.MOVED:
-        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -74,5 +94,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-_compat.install()
 _transformers_hooks.install_when_imported()

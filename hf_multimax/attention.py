@@ -25,7 +25,8 @@ def get_modulator(module: nn.Module):
     modulator = getattr(module, SEGLU_ATTRIBUTE, None)
     if modulator is None:
         raise RuntimeError(
-            f"{type(module).__name__} has no MultiMax parameters. Select MultiMax through Transformers so that they are "
+            f"{type(module).__name__} has no MultiMax parameters. Select MultiMax through Transformers so that they "
+            "are "
             'created: `from_pretrained(..., attn_implementation="multimax")`, `from_config(config, '
             'attn_implementation="multimax")` or `model.set_attn_implementation("multimax")` (after `import '
             "hf_multimax`), rather than setting `config._attn_implementation` by hand."
@@ -107,7 +108,8 @@ def multimax_eager_attention_forward(
     position_bias: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference MultiMax attention (``"multimax_eager"``), the plain path every fast path is checked against: ``softmax(σ(Q·Kᵀ·scale + position_bias) + mask) · V``.
+    """Reference MultiMax attention (``"multimax_eager"``), the plain path every fast path is checked against:
+    ``softmax(σ(Q·Kᵀ·scale + position_bias) + mask) · V``.
 
     σ sees the scaled scores plus any learned score bias (T5's ``position_bias``) and runs before the mask, because σ
     of a dtype-minimum mask value overflows. σ and SoftMax run in float32, as Transformers' eager path does. A query

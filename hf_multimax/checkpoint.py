@@ -5,7 +5,8 @@ A folder is what ``save_pretrained`` writes: a full model (``config.json`` + saf
 (``adapter_config.json`` + ``adapter_model.safetensors``, whose keys carry PEFT's ``base_model.model.`` prefix).
 Whether a SegLU belongs to an attention layer or to the output head is decided from the model's structure: the
 architecture named by the config (or the adapter's base model's config, when it can be found offline) is built on the
-meta device (no memory, no weights) and its parameter modules are looked up (:func:`hf_multimax.registry.parameter_modules`).
+meta device (no memory, no weights) and its parameter modules are looked up
+(:func:`hf_multimax.registry.parameter_modules`).
 When no config can be found (an adapter whose base model is not available here), the roles stay unknown (``None``).
 """
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .attention import check_extras, dense_scores
+from .extras import require
 from .masking import score_mask
 from .modeling import head_count, placement
 
@@ -74,6 +74,14 @@ ENTMAX_ALPHA_ATTRIBUTE = "entmax_alpha"
 # Masked normalisers: (scores float32 (batch, heads, q, k), valid bool broadcastable or None) -> weights float32
 
 
+def _entmax(function: str) -> Callable:
+    """``entmax.<function>``, or a :class:`~hf_multimax.extras.MissingExtraError` naming the ``comparators`` extra."""
+    require("comparators", f"entmax.{function} (SparseMax and EntMax attention)")
+    import entmax
+
+    return getattr(entmax, function)
+
+
 def masked_normalize(
     fn: Callable[[torch.Tensor], torch.Tensor], scores: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
@@ -95,14 +103,14 @@ def masked_normalize(
 
 def masked_sparsemax(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """SparseMax over the last dimension of the unmasked entries: ``argmin_p ||p - s||²`` on the simplex."""
-    from entmax import sparsemax
+    sparsemax = _entmax("sparsemax")
 
     return masked_normalize(lambda x: sparsemax(x, dim=-1), scores, valid)
 
 
 def masked_entmax15(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """1.5-EntMax over the last dimension of the unmasked entries: ``p = [s/2 - τ]₊²`` with τ such that Σp = 1."""
-    from entmax import entmax15
+    entmax15 = _entmax("entmax15")
 
     return masked_normalize(lambda x: entmax15(x, dim=-1), scores, valid)
 
@@ -115,7 +123,7 @@ def masked_entmax_alpha(
     ``alpha``: a float, or a tensor of per-head values (shape ``(heads,)``) for ``(batch, heads, q, k)`` scores;
     differentiable with respect to ``alpha``.
     """
-    from entmax import entmax_bisect
+    entmax_bisect = _entmax("entmax_bisect")
 
     if isinstance(alpha, torch.Tensor):
         if alpha.dim() == 1:
@@ -176,7 +184,7 @@ class EntmaxAlphaParameters(nn.Module):
         return f"num_heads={self.num_heads}"
 
 
-def build_entmax_alpha(module: nn.Module, config: "PreTrainedConfig") -> EntmaxAlphaParameters:
+def build_entmax_alpha(module: nn.Module, config: PreTrainedConfig) -> EntmaxAlphaParameters:
     """The α of one attention module, one per query head, on the module's device and dtype."""
     return EntmaxAlphaParameters(head_count(module, config), **placement(module))
 
@@ -216,7 +224,10 @@ def sparse_attention(
         return out.transpose(1, 2).contiguous(), weights
 
     attention_forward.__name__ = attention_forward.__qualname__ = f"{name}_attention_forward"
-    attention_forward.__doc__ = f"``{name!r}`` attention: ``{name}(Q·Kᵀ·scale + position_bias, mask) · V`` (see :mod:`hf_multimax.comparators`)."
+    attention_forward.__doc__ = (
+        f"``{name!r}`` attention: ``{name}(Q·Kᵀ·scale + position_bias, mask) · V`` "
+        "(see :mod:`hf_multimax.comparators`)."
+    )
     return attention_forward
 
 

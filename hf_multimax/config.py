@@ -61,7 +61,7 @@ class MultiMaxSettings:
             validate_flag(name, getattr(self, name.removeprefix("multimax_")))
 
     @classmethod
-    def from_config(cls, config: Any) -> "MultiMaxSettings":
+    def from_config(cls, config: Any) -> MultiMaxSettings:
         """Read the flags off a Transformers config (defaults for the ones it does not set)."""
         return cls(
             **{name.removeprefix("multimax_"): getattr(config, name, FLAG_DEFAULTS[name]) for name in FLAG_DEFAULTS}

@@ -112,8 +112,8 @@ def causal_lm_loss(
     modulator = getattr(head, SEGLU_ATTRIBUTE, None)
     if not isinstance(head, nn.Linear) or modulator is None:
         raise ValueError(
-            f"{type(model).__name__} has no output-layer MultiMax (an nn.Linear LM head with `.multimax`): build it with "
-            "multimax_output=True"
+            f"{type(model).__name__} has no output-layer MultiMax (an nn.Linear LM head with `.multimax`): build it "
+            "with multimax_output=True"
         )
     hidden = model.base_model(**model_inputs)[0]
     shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]

@@ -51,7 +51,8 @@ class SegLU(nn.Module):
         order: SegLU order ``N``; both parameters have ``2N`` entries.
         num_heads: ``None`` for one set shared by all heads (shape ``(2N,)``, the paper's layout) or the number of
             heads for one set per head (shape ``(num_heads, 2N)``).
-        init_method: ``"identity"`` (every entry 0, σ is the identity) or ``"paper"`` (trunc-normal, std 0.02, cut at ±2 as upstream and timm).
+        init_method: ``"identity"`` (every entry 0, σ is the identity) or ``"paper"`` (trunc-normal, std 0.02, cut at
+            ±2 as upstream and timm).
         device, dtype: where and how to create the parameters.
     """
 
@@ -130,7 +131,7 @@ def routes_through_interface(cls: type) -> bool:
     return False
 
 
-def governed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, "PreTrainedConfig"]]:
+def governed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, PreTrainedConfig]]:
     """Yield ``(name, module, config)`` for every module, with the config that selects its attention: the module's
     own ``config`` if it has one, else that of the nearest enclosing ``PreTrainedModel``."""
     from transformers import PreTrainedConfig
@@ -146,7 +147,7 @@ def governed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, "PreTra
             stack.append((f"{name}.{child_name}" if name else child_name, child, config))
 
 
-def head_count(module: nn.Module, config: "PreTrainedConfig") -> int:
+def head_count(module: nn.Module, config: PreTrainedConfig) -> int:
     """The number of (query) heads of an attention module (its own attribute, else the config's)."""
     for attribute in HEAD_COUNT_ATTRIBUTES:
         value = getattr(module, attribute, None)
@@ -170,7 +171,7 @@ def placement(owner: nn.Module) -> dict[str, Any]:
     return {"device": device, "dtype": dtype}
 
 
-def output_head(model: "PreTrainedModel") -> nn.Module | None:
+def output_head(model: PreTrainedModel) -> nn.Module | None:
     """The module whose output is the model's logits: the LM head, or a classification head (None for base models)."""
     head = model.get_output_embeddings()
     if isinstance(head, nn.Module):

@@ -3,11 +3,11 @@
 An *implementation* is a name for ``attn_implementation=`` and the attention function Transformers calls for it. A
 *parametric* implementation also has learnable parameters of its own on every attention module (MultiMax's SegLU,
 α-EntMax's α): :class:`ParametricAttention` says under which child attribute they live, how to build them and which
-module classes hold them. Everything else derives from this table: which modules get parameters (:func:`attach`),
-which parameters a model has and whether each belongs to an attention layer or the output head
-(:func:`parameter_modules`), what LoRA must train in full (``modules_to_save``), which state-dict keys are such
-parameters (:func:`parameter_key`) and which implementation they imply (:func:`implementation_of`), and what
-Transformers registers (:mod:`hf_multimax.integrations.transformers`).
+module classes hold them. Everything else derives from this table: which modules get parameters
+(:func:`attach_parameters`), which parameters a model has and whether each belongs to an attention layer or the
+output head (:func:`parameter_modules`), what LoRA must train in full (``modules_to_save``), which state-dict keys
+are such parameters (:func:`parameter_key`) and which implementation they imply (:func:`implementation_of`), and
+what Transformers registers (:mod:`hf_multimax.integrations.transformers`).
 
 Nothing here touches Transformers' classes; it imports no ``transformers.modeling_utils`` at module level.
 """
@@ -45,6 +45,7 @@ __all__ = [
     "Implementation",
     "ParameterModule",
     "IMPLEMENTATIONS",
+    "COMPARATOR_IMPLEMENTATIONS",
     "get",
     "parametric",
     "add",
@@ -53,7 +54,7 @@ __all__ = [
     "parameter_key",
     "implementation_of",
     "parameter_modules",
-    "attach",
+    "attach_parameters",
 ]
 
 MULTIMAX = "multimax"
@@ -78,7 +79,7 @@ class ParametricAttention:
     """
 
     attribute: str
-    build: Callable[[nn.Module, "PreTrainedConfig"], nn.Module]
+    build: Callable[[nn.Module, PreTrainedConfig], nn.Module]
     module_types: tuple[type, ...]
     flags: tuple[str, ...] = ()
 
@@ -102,7 +103,7 @@ class Implementation:
     mask_function: Callable | None = None
 
 
-def build_attention_seglu(module: nn.Module, config: "PreTrainedConfig") -> SegLU:
+def build_attention_seglu(module: nn.Module, config: PreTrainedConfig) -> SegLU:
     """MultiMax's parameters for one attention module, per the ``multimax_*`` flags of ``config``."""
     settings = MultiMaxSettings.from_config(config)
     num_heads = head_count(module, config) if settings.per_head else None
@@ -112,14 +113,17 @@ def build_attention_seglu(module: nn.Module, config: "PreTrainedConfig") -> SegL
 MULTIMAX_PARAMETERS = ParametricAttention(SEGLU_ATTRIBUTE, build_attention_seglu, (SegLU,), flags=tuple(FLAG_DEFAULTS))
 ENTMAX_ALPHA_PARAMETERS = ParametricAttention(ENTMAX_ALPHA_ATTRIBUTE, build_entmax_alpha, (EntmaxAlphaParameters,))
 
-#: Every implementation this package provides, by name. :func:`add` (or ``hf_multimax.register_attention``) adds more.
+#: The implementations ``import hf_multimax`` registers, by name. :func:`add` (``hf_multimax.register_attention``,
+#: ``hf_multimax.register_comparators``) adds more.
 IMPLEMENTATIONS: dict[str, Implementation] = {
     MULTIMAX: Implementation(multimax_attention_forward, MULTIMAX_PARAMETERS, weights_twin="multimax_eager"),
     "multimax_eager": Implementation(multimax_eager_attention_forward, MULTIMAX_PARAMETERS),
-    **{
-        name: Implementation(function, ENTMAX_ALPHA_PARAMETERS if name == "entmax_alpha" else None)
-        for name, function in COMPARATORS.items()
-    },
+}
+#: The paper's comparators, registered only on request (``hf_multimax.register_comparators()``): their names are
+#: generic, and another package may claim them in Transformers' global attention registry.
+COMPARATOR_IMPLEMENTATIONS: dict[str, Implementation] = {
+    name: Implementation(function, ENTMAX_ALPHA_PARAMETERS if name == "entmax_alpha" else None)
+    for name, function in COMPARATORS.items()
 }
 
 
@@ -146,15 +150,21 @@ def add(name: str, implementation: Implementation) -> None:
                 and spec is not implementation.parameters
             ):
                 raise ValueError(
-                    f"implementation {name!r} keeps its parameters under `{implementation.parameters.attribute}`, which "
-                    f"{other_name!r} already uses for other parameters; choose another attribute"
+                    f"implementation {name!r} keeps its parameters under `{implementation.parameters.attribute}`, "
+                    f"which {other_name!r} already uses for other parameters; choose another attribute"
                 )
     IMPLEMENTATIONS[name] = implementation
 
 
+def _known() -> dict[str, Implementation]:
+    """Every implementation whose saved parameters this package recognises: the registered ones and the comparators
+    (registered or not, so that a checkpoint trained with α-EntMax is recognised before it is registered)."""
+    return {**COMPARATOR_IMPLEMENTATIONS, **IMPLEMENTATIONS}
+
+
 def _specs() -> list[ParametricAttention]:
     seen: dict[int, ParametricAttention] = {}
-    for implementation in IMPLEMENTATIONS.values():
+    for implementation in _known().values():
         if implementation.parameters is not None:
             seen.setdefault(id(implementation.parameters), implementation.parameters)
     return list(seen.values())
@@ -195,11 +205,9 @@ def implementation_of(attributes) -> str | None:
     (``{"multimax"}`` -> ``"multimax"``, ``{"entmax_alpha"}`` -> ``"entmax_alpha"``), or ``None`` for none (a SoftMax
     model, or a parameter-free comparator). MultiMax's SegLU also serves output heads (``multimax_output``): when the
     roles are unknown and another implementation's attribute is present too, that one names the attention."""
-    attributes = set(attributes)
-    names = [
-        name for name, impl in IMPLEMENTATIONS.items() if impl.parameters and impl.parameters.attribute in attributes
-    ]
-    others = [name for name in names if IMPLEMENTATIONS[name].parameters is not MULTIMAX_PARAMETERS]
+    attributes, known = set(attributes), _known()
+    names = [name for name, impl in known.items() if impl.parameters and impl.parameters.attribute in attributes]
+    others = [name for name in names if known[name].parameters is not MULTIMAX_PARAMETERS]
     return (others or names or [None])[0]
 
 
@@ -244,10 +252,10 @@ def parameter_modules(model: nn.Module) -> list[ParameterModule]:
 def _unwrap(name: str, child: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The child itself, or the modules PEFT's ``ModulesToSaveWrapper`` holds in its place."""
     if all(hasattr(child, part) for part in _PEFT_WRAPPER_CHILDREN):
-        original = getattr(child, "original_module")
+        original = child.original_module
         if isinstance(original, nn.Module):
             yield f"{name}.original_module", original
-        for adapter, copy in getattr(child, "modules_to_save").items():
+        for adapter, copy in child.modules_to_save.items():
             yield f"{name}.modules_to_save.{adapter}", copy
         return
     yield name, child
@@ -262,7 +270,7 @@ def modulate_logits(head: nn.Module, args: tuple, logits: torch.Tensor) -> torch
     return getattr(head, SEGLU_ATTRIBUTE)(logits.float()).to(logits.dtype)
 
 
-def attach_output_multimax(model: "PreTrainedModel", settings: MultiMaxSettings) -> bool:
+def attach_output_multimax(model: PreTrainedModel, settings: MultiMaxSettings) -> bool:
     """Give the output head its SegLU and the hook that applies it; False for a model without an output head."""
     head = output_head(model)
     if head is None:
@@ -280,13 +288,13 @@ def attach_output_multimax(model: "PreTrainedModel", settings: MultiMaxSettings)
     return True
 
 
-def attach(model: "PreTrainedModel") -> int:
+def attach_parameters(model: PreTrainedModel) -> int:
     """Give every attention module of ``model`` the parameters of the implementation its config selects, and the
     output head its SegLU when ``multimax_output``; record the flags those parameters depend on in every config
     they were built from and in ``model.config`` (encoder-decoders such as T5 hold copies of the config in their
     stacks). Return how many attention modules have parameters. Idempotent."""
     count = 0
-    used: dict[int, tuple[ParametricAttention, "PreTrainedConfig"]] = {}
+    used: dict[int, tuple[ParametricAttention, PreTrainedConfig]] = {}
     for _, module, config in governed_modules(model):
         spec = parametric(config._attn_implementation)
         if spec is None or not routes_through_interface(type(module)):
@@ -312,7 +320,7 @@ def attach(model: "PreTrainedModel") -> int:
     return count
 
 
-def _record_flags(flags: tuple[str, ...], source: "PreTrainedConfig", *targets: "PreTrainedConfig") -> None:
+def _record_flags(flags: tuple[str, ...], source: PreTrainedConfig, *targets: PreTrainedConfig) -> None:
     """Write ``flags`` (as ``source`` resolves them) explicitly on every target, so ``config.json`` records them."""
     for target in (source, *targets):
         for flag in flags:

@@ -1,10 +1,10 @@
 """Fixtures shared by the test modules."""
 
 import pytest
-
-from hf_multimax.kernels import cpu
 from kernel_backends import BACKENDS, CPU_TARGETS, selected
 from scripts import reset_accelerate_state
+
+from hf_multimax.kernels import cpu
 
 
 @pytest.fixture

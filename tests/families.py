@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import (
@@ -191,7 +192,7 @@ def randomize_multimax(model, seed: int = 3, scale: float = 0.3) -> None:
 
 
 def clone_weights(source, target) -> None:
-    """Copy the shared weights of ``source`` into ``target`` (MultiMax parameters are ignored by non-MultiMax models)."""
+    """Copy the shared weights of ``source`` into ``target`` (non-MultiMax models ignore MultiMax parameters)."""
     state = {k: v for k, v in source.state_dict().items() if "multimax_" not in k}
     missing, unexpected = target.load_state_dict(state, strict=False)
     assert not unexpected, unexpected

@@ -11,7 +11,8 @@ Each recipe is the architecture, schedule and batch size of the paper's setting,
 the upstream code the MultiMax authors trained with (fairseq's ``transformer_lm`` and ``transformer_iwslt_de_en``,
 facebookresearch/deit's ``deit_small_patch16_224``), mapped onto the flags of ``examples/run_*.py``; where the scripts
 have no equivalent the recipe says what differs (``deviations``). Flags after the recipe's name are appended to its
-command, so they override it (argparse keeps the last value); ``--own_data`` drops the recipe's data flags for yours. ``tests/integration/test_recipes.py`` runs every recipe
+command, so they override it (argparse keeps the last value); ``--own_data`` drops the recipe's data flags for yours.
+``tests/integration/test_recipes.py`` runs every recipe
 for two steps on small local data, so the flags cannot rot. See ``README.md`` beside this file.
 """
 
@@ -280,7 +281,8 @@ def markdown(name: str) -> str:
 
 def write_jsonl(source_file: str, target_file: str, source_lang: str, target_lang: str, out=sys.stdout) -> int:
     """Pair two line-aligned text files (e.g. IWSLT'14 ``train.de`` and ``train.en``) into JSON lines of
-    ``{source_lang: ..., target_lang: ...}``, the format ``run_translation.py --train_file`` reads; returns the count."""
+    ``{source_lang: ..., target_lang: ...}``, the format ``run_translation.py --train_file`` reads; returns the
+    count."""
     count = 0
     with open(source_file, encoding="utf-8") as src, open(target_file, encoding="utf-8") as tgt:
         for source, target in zip(src, tgt, strict=True):

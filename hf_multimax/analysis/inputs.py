@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import data
 from ..checkpoint import Checkpoint, read_checkpoint
+from ..integrations.transformers import register_named_comparators
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def load_for_analysis(path: str | Path, attn_implementation: str | None = None) 
 
     checkpoint = read_checkpoint(path)
     implementation = attn_implementation or checkpoint.attn_implementation or "eager"
+    register_named_comparators([implementation])
     model_class = getattr(transformers, checkpoint.architecture or "", None) or getattr(
         transformers, checkpoint.auto_class
     )

@@ -32,7 +32,8 @@ __all__ = [
     "token_similarity",
 ]
 
-#: Default thresholds: a weight below ``SPARSITY_THRESHOLD`` counts as (near) zero, one above ``MODE_THRESHOLD`` as a mode.
+#: Default thresholds: a weight below ``SPARSITY_THRESHOLD`` counts as (near) zero, one above ``MODE_THRESHOLD`` as a
+#: mode.
 SPARSITY_THRESHOLD = 0.01
 MODE_THRESHOLD = 0.1
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-
 from torch import nn
 
+from ..extras import require
 from ..modeling import multimax_modules
 
 if TYPE_CHECKING:
@@ -50,7 +50,9 @@ SQRT3_2 = math.sqrt(3) / 2
 
 
 def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display); a clear
+    :class:`~hf_multimax.extras.MissingExtraError` without matplotlib."""
+    require("analysis", "plotting", modules=["matplotlib"])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +73,8 @@ def save_figure(fig, path: str | Path, rect: tuple[float, float, float, float] |
 
 
 def modulator_curves(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """σ(x) of every SegLU in ``model`` on a grid: ``{module_name: (x, σ(x))}``; per-head SegLUs give ``(heads, len)``."""
+    """σ(x) of every SegLU in ``model`` on a grid: ``{module_name: (x, σ(x))}``; per-head SegLUs give
+    ``(heads, len)``."""
     x = torch.linspace(-6.0, 6.0, 241) if x is None else x
     curves = {}
     with torch.no_grad():
@@ -295,7 +298,9 @@ def plot_simplex(
             "-",
             lw=0.9,
             color=cmap(i / max(len(x) - 1, 1)),
-            label=f"SoftMax, T {temperatures[0]:g}→{temperatures[1]:g}: x = {tuple(round(v, 2) for v in point.tolist())}",
+            label=(
+                f"SoftMax, T {temperatures[0]:g}→{temperatures[1]:g}: x = {tuple(round(v, 2) for v in point.tolist())}"
+            ),
         )
     with torch.no_grad():
         for name, function in simplex_functions().items():

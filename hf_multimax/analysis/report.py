@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import read_checkpoint
+from ..extras import require
 from .collect import ModelAnalysis, analyze_model, short_name
 from .inputs import AnalysisInputError, image_inputs, load_for_analysis, text_inputs
 from .metrics import MODE_THRESHOLD, SPARSITY_THRESHOLD
@@ -143,6 +144,8 @@ def analyze(
     checked before anything is loaded or written.
     """
     from tqdm.auto import tqdm
+
+    require("analysis", "hf_multimax.analysis.analyze")
 
     from . import plots as figures
 

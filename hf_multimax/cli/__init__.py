@@ -2,8 +2,8 @@
 ``hf-multimax --help`` costs no more than starting Python.
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> exit code``. A user
-mistake (a wrong path, a folder that is not a model, a bad flag value) ends in one ``error:`` line and exit code 2,
-never a traceback; ``--verbose`` shows the traceback too.
+mistake (a wrong path, a folder that is not a model, a bad flag value, a command whose extra is not installed) ends in
+one ``error:`` line and exit code 2, never a traceback; ``--verbose`` shows the traceback too.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["main", "build_parser", "run_script", "COMMANDS", "USER_ERRORS"]
+from ..extras import MissingExtraError, require
+
+__all__ = ["main", "build_parser", "run_script", "COMMANDS", "COMMAND_EXTRAS", "USER_ERRORS"]
 
 #: command -> (one-line help, module that implements it).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,9 +36,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "push": ("Push a saved MultiMax model or adapter folder to the Hub, with a model card.", "hf_multimax.cli.push"),
 }
+#: command -> the extras (:mod:`hf_multimax.extras`) it needs, checked before its module is imported.
+COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "info": (),
+    "compare": ("train", "analysis"),
+    "analyze": ("analysis",),
+    "push": ("hub",),
+}
 #: Exceptions that mean "the user asked for something that cannot be done" (a bad flag value, a path that is not what
 #: it should be, a model that does not load): one line, exit code 2. Anything else is a bug and shows its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    MissingExtraError,
     ValueError,
     FileNotFoundError,
     NotADirectoryError,
@@ -80,6 +90,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hf-multimax`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = _requested_command(argv)
+    if command is not None:
+        try:
+            require(COMMAND_EXTRAS[command], f"hf-multimax {command}")
+        except MissingExtraError as error:
+            print(f"hf-multimax {command}: error: {error}", file=sys.stderr)
+            return 2
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

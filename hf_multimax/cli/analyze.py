@@ -1,4 +1,5 @@
-"""``hf-multimax analyze MODEL_DIR ...``: saved models' attention side by side (see :func:`hf_multimax.analysis.analyze`)."""
+"""``hf-multimax analyze MODEL_DIR ...``: saved models' attention side by side
+(see :func:`hf_multimax.analysis.analyze`)."""
 
 from __future__ import annotations
 

@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
         "",
         "attention implementations: eager, " + ", ".join(sorted(AttentionInterface().valid_keys())),
         "  from hf-multimax:        " + ", ".join(registry.IMPLEMENTATIONS),
+        "  comparators on request:  "
+        + ", ".join(registry.COMPARATOR_IMPLEMENTATIONS)
+        + " (hf_multimax.register_comparators(); the CLI and scripts register the ones named)",
         "mask functions:            " + ", ".join(sorted(AttentionMaskInterface().valid_keys())),
         "",
         "MultiMax flags (config / from_pretrained keyword arguments):",

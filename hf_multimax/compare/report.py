@@ -267,7 +267,8 @@ def write_report(output_dir: str | Path, results: Mapping[str, Any]) -> tuple[st
         "(a seed fixes the initial weights, the held-out split and the data order, the same for every "
         f"implementation); MultiMax runs only: {multimax}. Baseline: {results['baseline']}.",
         "",
-        f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} logical CPUs, torch {machine.get('torch', '?')} "
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} logical CPUs, "
+        f"torch {machine.get('torch', '?')} "
         f"(threads: {machine.get('torch_threads', '?')}){load_text}"
         + (f"; this command took {results['seconds'] / 60:.1f} minutes" if results.get("seconds") else "")
         + ". Times per step are wall-clock and inflated by other processes.",

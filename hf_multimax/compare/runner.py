@@ -27,6 +27,7 @@ from .. import registry
 from ..config import FLAG_DEFAULTS
 from ..finetune import build_parser, make_args, run
 from ..finetune.tasks import Task, get_task
+from ..integrations.transformers import register_named_comparators
 from .statistics import build_summary
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def check_implementations(implementations: Sequence[str]) -> list[str]:
     implementations = list(implementations)
     if not implementations:
         raise ValueError("--implementations needs at least one attention implementation (the first is the baseline)")
+    register_named_comparators(implementations)
     registered = set(AttentionInterface().valid_keys()) | {"eager"}
     unknown = [name for name in implementations if name not in registered]
     known = sorted(name for name in registered if "|" not in name)  # leave out Transformers' "paged|..." variants
@@ -259,7 +261,8 @@ def attention_statistics(task: Task, model_dir: str | Path) -> dict[str, float]:
 
 
 def attention_metric_name(key: str) -> str:
-    """The name in a run's metrics of an ``analyze`` statistic: ``attention_<key>``, the paper's measures as they are."""
+    """The name in a run's metrics of an ``analyze`` statistic: ``attention_<key>``; the paper's measures keep their
+    own names."""
     from ..analysis.collect import PAPER_MEASURES
 
     return key if key in PAPER_MEASURES else ATTENTION_PREFIX + key
@@ -475,9 +478,9 @@ def compare(
     ``multimax_flags`` (``{"multimax_order": 3, "multimax_learning_rate": 0.1, ...}``: any of :data:`MULTIMAX_ONLY`)
     apply to the MultiMax runs only, on top of the task's :data:`COMPARE_DEFAULTS`; ``script_argv`` (any flag of the
     example scripts) applies to every run. ``resume``: keep the successful runs already in ``output_dir``'s
-    ``results.json`` (made with the same settings) and train only the others. Failed runs are records with ``"error"``; they do not stop the others. Everything is
-    validated before the first run trains. ``machine`` (default :func:`machine_description`) and ``command_line`` are
-    recorded as they are.
+    ``results.json`` (made with the same settings) and train only the others. Failed runs are records with
+    ``"error"``; they do not stop the others. Everything is validated before the first run trains. ``machine``
+    (default :func:`machine_description`) and ``command_line`` are recorded as they are.
     """
     from tqdm.auto import tqdm
 

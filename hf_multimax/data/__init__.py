@@ -135,7 +135,7 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "the default image data set is scikit-learn's load_digits: `pip install scikit-learn` "
-            "(or `pip install hf-multimax[examples]`), or pass --dataset_name / --train_dir"
+            "(or `pip install 'hf-multimax[train]'`), or pass --dataset_name / --train_dir"
         ) from error
     digits = load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
@@ -148,7 +148,7 @@ def build_tokenizer(
     add_eos: bool = True,
     min_frequency: int = 2,
     cache: bool = True,
-) -> "PreTrainedTokenizerFast":
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it in ``PreTrainedTokenizerFast``.
 
     Byte-level BPE encodes any Unicode text without unknown tokens and decodes back to the original string, which
@@ -204,7 +204,7 @@ def build_tokenizer(
     return wrapped
 
 
-def build_image_processor(image_size: int = 8) -> "BaseImageProcessor":
+def build_image_processor(image_size: int = 8) -> BaseImageProcessor:
     """A ViT image processor built locally: resize to ``image_size``², rescale to [0, 1], normalise with mean and
     std 0.5 on three (RGB) channels (convert grayscale images to RGB first, as the examples do)."""
     try:

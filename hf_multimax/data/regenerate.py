@@ -54,7 +54,8 @@ class Source:
 
 
 def parse_po(text: str) -> list[tuple[str, str]]:
-    """(msgid, msgstr) pairs of a .po file: the singular form of plural entries; fuzzy, untranslated and context entries skipped."""
+    """(msgid, msgstr) pairs of a .po file: the singular form of plural entries; fuzzy, untranslated and context
+    entries skipped."""
     pairs, entry, field, fuzzy = [], {}, None, False
 
     def flush() -> None:

@@ -1,6 +1,6 @@
 """The shared body of the fine-tuning scripts in ``examples/`` and of ``hf-multimax compare``: arguments
-(:mod:`.arguments`), the loop and its checkpoints (:mod:`.loop`), the run from data to saved model (:mod:`.pipeline`), and
-what each task does differently (:mod:`.tasks`)."""
+(:mod:`.arguments`), the loop and its checkpoints (:mod:`.loop`), the run from data to saved model
+(:mod:`.pipeline`), and what each task does differently (:mod:`.tasks`)."""
 
 from .arguments import build_parser, make_args, multimax_flags, parse_args
 from .loop import CheckpointError, TrainResult, train

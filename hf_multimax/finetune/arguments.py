@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import FLAG_DEFAULTS, INIT_METHODS, validate_flag
+from ..extras import require
 from ..training.clipping import OUTPUT_CLIP_MODES
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     """``--model_name_or_path`` / tiny config, ``--attn_implementation`` and the MultiMax flags."""
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -101,7 +102,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     group = parser.add_argument_group("data (default: the embedded offline data set of the task)")
     group.add_argument("--dataset_name", default=None, help="Hub data set name, passed to datasets.load_dataset")
     group.add_argument("--dataset_config_name", default=None, help="configuration of --dataset_name")
@@ -122,7 +123,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     group.add_argument("--max_eval_samples", type=int, default=None, help="truncate the validation set")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     group = parser.add_argument_group("training")
     scratch = task.scratch_defaults
     group.add_argument("--output_dir", default=None, help="where the model, tokenizer, results and checkpoints go")
@@ -232,7 +233,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, task: "Task") -> Non
     )
 
 
-def add_lora_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
+def add_lora_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     group = parser.add_argument_group("LoRA (PEFT)")
     group.add_argument(
         "--lora",
@@ -251,7 +252,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     )
 
 
-def add_hub_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
+def add_hub_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     group = parser.add_argument_group("Hugging Face Hub")
     group.add_argument(
         "--push_to_hub",
@@ -266,7 +267,7 @@ def add_hub_arguments(parser: argparse.ArgumentParser, task: "Task") -> None:
     )
 
 
-ARGUMENT_GROUPS: tuple[Callable[[argparse.ArgumentParser, "Task"], None], ...] = (
+ARGUMENT_GROUPS: tuple[Callable[[argparse.ArgumentParser, Task], None], ...] = (
     add_model_arguments,
     add_data_arguments,
     add_training_arguments,
@@ -275,7 +276,7 @@ ARGUMENT_GROUPS: tuple[Callable[[argparse.ArgumentParser, "Task"], None], ...] =
 )
 
 
-def build_parser(task: "Task", description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(task: Task, description: str | None = None) -> argparse.ArgumentParser:
     """The parser of one script: the shared groups plus ``task.add_arguments``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for add in ARGUMENT_GROUPS:
@@ -284,14 +285,19 @@ def build_parser(task: "Task", description: str | None = None) -> argparse.Argum
     return parser
 
 
-def parse_args(task: "Task", argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
-    """Parse ``argv`` and fill the defaults that depend on other flags (from scratch or pretrained)."""
+def parse_args(task: Task, argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """Parse ``argv`` and fill the defaults that depend on other flags (from scratch or pretrained). Raises
+    :class:`~hf_multimax.extras.MissingExtraError` when the ``train`` extra (or ``hub``, for ``--push_to_hub``) is
+    not installed."""
+    require("train", "examples/run_*.py")
     args = build_parser(task, description).parse_args(argv)
+    if args.push_to_hub:
+        require("hub", "--push_to_hub")
     resolve_defaults(task, args)
     return args
 
 
-def resolve_defaults(task: "Task", args: argparse.Namespace) -> argparse.Namespace:
+def resolve_defaults(task: Task, args: argparse.Namespace) -> argparse.Namespace:
     pretrained = args.model_name_or_path is not None
     fallback = {"learning_rate": 5e-5, "per_device_train_batch_size": 8, "num_train_epochs": 3}
     if task.text_inputs:
@@ -335,7 +341,7 @@ def check_paths(args: argparse.Namespace) -> None:
             raise ValueError(f"--model_name_or_path {value} is not a saved model: it has no config.json")
 
 
-def make_args(task: "Task", argv: Sequence[str] = (), **values: Any) -> argparse.Namespace:
+def make_args(task: Task, argv: Sequence[str] = (), **values: Any) -> argparse.Namespace:
     """The namespace a script would parse from ``argv``, with ``values`` set on top (Python values, keyed by
     destination: ``attn_implementation="multimax"``, ``multimax_order=3``, ``max_train_steps=100``...). An unknown
     name raises ``TypeError`` naming it; MultiMax flags are validated (``ValueError`` naming the flag)."""

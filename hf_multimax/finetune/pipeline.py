@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import registry
 from ..integrations.peft import lora_modules_to_save
+from ..integrations.transformers import register_named_comparators
 from ..training.distributed import full_state_dict, launched_without_accelerator
 from ..training.optim import multimax_parameter_groups
 from .arguments import multimax_flags
@@ -115,12 +116,14 @@ def tiny_config(task: Task, args: argparse.Namespace, preprocessor: Any, raw):
 def build_model(task: Task, args: argparse.Namespace, preprocessor: Any, raw) -> nn.Module:
     """The model with ``args.attn_implementation`` and the MultiMax flags.
 
-    Pretrained: ``from_pretrained(..., attn_implementation=..., multimax_*=...)``. From scratch: the tiny config is built
-    with eager SoftMax attention first and switched with ``set_attn_implementation``, so that two runs from the same seed
-    start from identical weights whatever the attention (MultiMax's own parameters are created on top of them).
+    Pretrained: ``from_pretrained(..., attn_implementation=..., multimax_*=...)``. From scratch: the tiny config is
+    built with eager SoftMax attention first and switched with ``set_attn_implementation``, so that two runs from the
+    same seed start from identical weights whatever the attention (MultiMax's own parameters are created on top of
+    them).
     """
     auto_class = _auto_class(task)
     implementation = args.attn_implementation
+    register_named_comparators([implementation])  # "sparsemax", "entmax15"...: registered only when named
     flags = multimax_flags(args)
     if args.model_name_or_path:
         model = auto_class.from_pretrained(

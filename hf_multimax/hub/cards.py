@@ -21,9 +21,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .._version import __version__
+from ..checkpoint import Checkpoint, read_checkpoint
 from ..config import FLAG_DEFAULTS
 from ..modeling import SEGLU_ATTRIBUTE, SegLU
-from ..checkpoint import Checkpoint, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ EVAL_CONTEXT_KEYS = ("task_type", "task_name", "dataset_type", "dataset_name", "
 
 
 def default_template_path() -> Path:
-    """The packaged card template (``model_cards/multimax_model_card.md``, installed as ``hf_multimax.hub.templates``)."""
+    """The packaged card template (``model_cards/multimax_model_card.md``, installed as
+    ``hf_multimax.hub.templates``)."""
     return Path(str(resources.files("hf_multimax.hub.templates") / DEFAULT_TEMPLATE))
 
 

@@ -306,7 +306,10 @@ def explain(
         status = err.response.status_code if getattr(err, "response", None) is not None else None
         detail = err.server_message or first_line(err)
         if stage == "create_repo" and status == 409:
-            return f"the repository '{repo_id}' already exists and exist_ok=False (pass exist_ok=True / --exist-ok to push into it)"
+            return (
+                f"the repository '{repo_id}' already exists and exist_ok=False "
+                "(pass exist_ok=True / --exist-ok to push into it)"
+            )
         if status == 401:
             return f"the Hub rejected the token (HTTP 401: {detail}); {LOGIN_HINT} with a token that has write access"
         if status == 403:
@@ -318,7 +321,10 @@ def explain(
     if isinstance(err, NETWORK_ERRORS):
         if "timeout" in type(err).__name__.lower() or isinstance(err, TimeoutError):
             waited = f" within {timeout:g} s" if timeout is not None and stage == "reach" else ""
-            return f"the Hub at {endpoint} did not answer{waited} ({type(err).__name__}: {err}); check the network connection"
+            return (
+                f"the Hub at {endpoint} did not answer{waited} ({type(err).__name__}: {err}); "
+                "check the network connection"
+            )
         return (
             f"the Hub at {endpoint} could not be reached ({type(err).__name__}: {err}); check the network connection "
             "(and HF_ENDPOINT or proxy settings)"

@@ -7,8 +7,8 @@ global norm).
 * :func:`patch_trainer` for code that cannot change its Trainer class (e.g. TRL's trainers): installs the same two
   methods on a class you name, undone by :func:`unpatch_trainer`.
 
-``import hf_multimax`` changes no Trainer. A stock ``Trainer`` trains MultiMax models too; it just decays ``multimax_ts``
-(Trainer decays every parameter that is not a bias or a norm) and clips output-layer MultiMax globally.
+``import hf_multimax`` changes no Trainer. A stock ``Trainer`` trains MultiMax models too; it just decays
+``multimax_ts`` (Trainer decays every parameter that is not a bias or a norm) and clips output-layer MultiMax globally.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from ..training.optim import multimax_parameter_names, output_multimax_parameter
 
 __all__ = [
     "MultiMaxTrainerMixin",
-    "MultiMaxTrainer",
-    "MultiMaxSeq2SeqTrainer",
+    # Built on first access by the module's __getattr__, so that importing this module imports no Trainer code.
+    "MultiMaxTrainer",  # noqa: F822
+    "MultiMaxSeq2SeqTrainer",  # noqa: F822
     "patch_trainer",
     "unpatch_trainer",
     "TRAINER_METHODS",

@@ -1,17 +1,19 @@
 """Every hook hf-multimax puts on Transformers, in one place: installed by ``import hf_multimax``, undone by
-:func:`uninstall` (``hf_multimax.unregister()``).
+:func:`unregister` (``hf_multimax.unregister()``).
 
-What :func:`install` does (the list :data:`HOOKS` and :func:`install` are the whole story):
+What :func:`register` does (the list :data:`HOOKS` and :func:`register` are the whole story):
 
 * ``AttentionInterface`` / ``AttentionMaskInterface``: every implementation of :mod:`hf_multimax.registry`
-  (``"multimax"``, ``"multimax_eager"``, the comparators) with its mask function, under one name each (an attention
-  function without a mask function of its name silently gets ``attention_mask=None``).
+  (``"multimax"``, ``"multimax_eager"``; the comparators once :func:`register_comparators` is called) with its mask
+  function, under one name each (an attention function without a mask function of its name silently gets
+  ``attention_mask=None``).
 * ``PreTrainedConfig``: validated properties for the ``multimax_*`` flags, so ``from_pretrained(..., multimax_order=3)``
   lands on the config (Transformers otherwise hands unknown keyword arguments to the model's ``__init__``) and the
   flags are written to ``config.json``.
 * ``PreTrainedModel.post_init`` and ``set_attn_implementation``: attach the implementation's parameters
-  (:func:`hf_multimax.registry.attach`). ``post_init`` runs inside ``from_pretrained``'s meta-device context, so the
-  parameters are created there, loaded like any other weight, and initialised only when the checkpoint lacks them.
+  (:func:`hf_multimax.registry.attach_parameters`). ``post_init`` runs inside ``from_pretrained``'s meta-device
+  context, so the parameters are created there, loaded like any other weight, and initialised only when the
+  checkpoint lacks them.
 * ``PreTrainedModel._initialize_weights``: initialises those parameter modules (models' own ``_init_weights`` do not
   know them); ``_adjust_missing_and_unexpected_keys``: refuses checkpoint parameters of the wrong shape and warns
   when a checkpoint's MultiMax parameters would be dropped.
@@ -35,7 +37,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +46,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MultiMaxWarning",
     "HOOKS",
-    "install",
-    "uninstall",
-    "installed",
+    "register",
+    "unregister",
+    "registered",
     "install_when_imported",
     "check_compatibility",
     "register_attention",
+    "register_comparators",
 ]
 
 MODELING_MODULE = "transformers.modeling_utils"
@@ -100,7 +103,7 @@ def _wrap_post_init(original):
     def post_init(self) -> None:
         from .. import registry
 
-        registry.attach(self)
+        registry.attach_parameters(self)
         check_shared_config(self)
         original(self)
 
@@ -113,7 +116,7 @@ def _wrap_set_attn_implementation(original):
         from .. import registry
 
         result = original(self, attn_implementation, *args, **kwargs)
-        registry.attach(self)
+        registry.attach_parameters(self)
         return result
 
     return set_attn_implementation
@@ -230,11 +233,15 @@ def check_loaded_parameters(model, loading_info) -> None:
     dropped = sorted(key for key in loading_info.unexpected_keys if registry.parameter_key(key))
     if dropped:
         trained_with = registry.implementation_of(registry.parameter_key(key)[1] for key in dropped)
+        how = "`import hf_multimax`"
+        if trained_with in registry.COMPARATOR_IMPLEMENTATIONS:
+            how = "`import hf_multimax; hf_multimax.register_comparators()`"
         warnings.warn(
             f"The checkpoint holds {len(dropped)} learned attention parameters (e.g. `{dropped[0]}`) that "
             f"{type(model).__name__} does not use because it was loaded with "
             f"attn_implementation={model.config._attn_implementation!r}. They are dropped: load it with "
-            f'`import hf_multimax` and `from_pretrained(..., attn_implementation="{trained_with}")` to use them.',
+            f"{how} and "
+            f'`from_pretrained(..., attn_implementation="{trained_with}")` to use them.',
             MultiMaxWarning,
             stacklevel=2,
         )
@@ -266,7 +273,8 @@ def check_shared_config(model) -> None:
         others = [ref() for ref in owners if id(ref()) not in submodules]
         if others:
             warnings.warn(
-                f"This {type(model).__name__} was built from the same config object as a live {type(others[0]).__name__} "
+                f"This {type(model).__name__} was built from the same config object as a live "
+                f"{type(others[0]).__name__} "
                 f"with {previous!r} attention, and Transformers set `config._attn_implementation={current!r}` on that "
                 f"shared object: that model now runs {current!r} too and ignores its learned attention parameters. "
                 "Build each model from its own config (`copy.deepcopy(config)`).",
@@ -283,17 +291,17 @@ def check_shared_config(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Install / uninstall
+# Register / unregister
 
 _LOCK = threading.RLock()
-#: What install() changed: (object, attribute, previous value or _MISSING), in order; and the registered names.
+#: What register() changed: (object, attribute, previous value or _MISSING), in order; and the registered names.
 _PATCHED: list[tuple[Any, str, Any]] = []
 _REGISTERED: dict[str, tuple[Any, Any]] = {}
 _FLAGS_INSTALLED: list[tuple[Any, str, Any]] = []
 _MISSING = object()
 
 
-def installed() -> bool:
+def registered() -> bool:
     """Whether the hooks are installed in this process."""
     return bool(_PATCHED) or bool(_REGISTERED)
 
@@ -329,7 +337,7 @@ def _register_with_transformers(name: str, implementation) -> None:
     AttentionMaskInterface.register(name, implementation.mask_function or sdpa_mask)
 
 
-def install() -> None:
+def register() -> None:
     """Install everything listed in this module's docstring. Safe to call more than once."""
     with _LOCK:
         install_flags()
@@ -356,8 +364,8 @@ def install() -> None:
             _register_with_transformers(name, implementation)
 
 
-def uninstall() -> None:
-    """Undo :func:`install`: every patched attribute gets its previous value back and the registered attention and
+def unregister() -> None:
+    """Undo :func:`register`: every patched attribute gets its previous value back and the registered attention and
     mask functions are removed (or the ones they replaced restored)."""
     with _LOCK:
         for target, name, previous in reversed(_PATCHED + _FLAGS_INSTALLED):
@@ -404,8 +412,62 @@ def register_attention(
     with _LOCK:
         registry.add(name, implementation)
         if _REGISTERED or MODELING_MODULE in sys.modules:
-            install()
+            register()
             _register_with_transformers(name, implementation)
+
+
+def register_comparators(names: Iterable[str] | None = None) -> list[str]:
+    """Register the paper's comparators with Transformers (all of ``"sparsemax"``, ``"entmax15"``,
+    ``"entmax_alpha"``, ``"evsoftmax"``, or the ``names`` given) and return the names registered.
+
+    ``import hf_multimax`` registers only ``"multimax"`` and ``"multimax_eager"``: these generic names live in
+    Transformers' global attention registry, where another package may claim them, so they are registered only when
+    asked for (the CLI and the example scripts do it when one is named). A name that something else already
+    registered is refused with a ``ValueError`` instead of being replaced. SparseMax and the EntMax variants run the
+    ``entmax`` package (``pip install 'hf-multimax[comparators]'``); registering them does not import it.
+    """
+    from transformers import AttentionInterface
+
+    from .. import registry
+
+    available = registry.COMPARATOR_IMPLEMENTATIONS
+    wanted = list(available) if names is None else list(dict.fromkeys([names] if isinstance(names, str) else names))
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise ValueError(f"unknown comparator {unknown[0]!r}; choose from {sorted(available)}")
+    with _LOCK:
+        register()
+        for name in wanted:
+            current = AttentionInterface._global_mapping.get(name)
+            if current is not None and current is not available[name].function:
+                raise ValueError(
+                    f"attn_implementation {name!r} is already registered with Transformers by "
+                    f"{getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', current)!s}; "
+                    "hf-multimax does not replace it. Unregister it first, or use that package's implementation."
+                )
+        for name in wanted:
+            registry.add(name, available[name])
+            _register_with_transformers(name, available[name])
+    return wanted
+
+
+#: The comparators that run the ``entmax`` package (the ``comparators`` extra); Ev-SoftMax needs nothing.
+ENTMAX_COMPARATORS = ("sparsemax", "entmax15", "entmax_alpha")
+
+
+def register_named_comparators(names: Iterable[str | None]) -> None:
+    """Register those of ``names`` that are comparators (the CLI's and the scripts' way to honour a name the user
+    gave); other names are left for Transformers to accept or refuse. A name whose package is missing raises
+    :class:`~hf_multimax.extras.MissingExtraError` naming the ``comparators`` extra."""
+    from .. import registry
+    from ..extras import require
+
+    comparators = [name for name in names if name in registry.COMPARATOR_IMPLEMENTATIONS]
+    for name in comparators:
+        if name in ENTMAX_COMPARATORS:
+            require("comparators", f"attn_implementation {name!r}")
+    if comparators:
+        register_comparators(comparators)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,7 +524,7 @@ def install_when_imported() -> None:
     """Install the config properties once ``transformers.configuration_utils`` is imported and everything else once
     ``transformers.modeling_utils`` is, or at once for what is already imported."""
     with _LOCK:
-        for module, callback in ((CONFIG_MODULE, install_flags), (MODELING_MODULE, install)):
+        for module, callback in ((CONFIG_MODULE, install_flags), (MODELING_MODULE, register)):
             if module in sys.modules:
                 callback()
             else:

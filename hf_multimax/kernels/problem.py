@@ -105,7 +105,7 @@ class AttentionProblem:
         """An empty dimension: nothing for a kernel to do (the blocked path returns the empty results)."""
         return 0 in (self.batch, self.heads, self.q_len, self.kv_len, self.head_dim, self.v_dim)
 
-    def in_compute_dtype(self) -> "AttentionProblem":
+    def in_compute_dtype(self) -> AttentionProblem:
         """This problem with query, key and value in the compute dtype (undoing ``native_dtype``)."""
         if self.q.dtype == self.dtype:
             return self
@@ -131,7 +131,7 @@ class AttentionProblem:
         dropout_p: float,
         seed: int | None = None,
         native_dtype: bool = False,
-    ) -> "AttentionProblem":
+    ) -> AttentionProblem:
         """Normalise one call. With ``native_dtype``, bfloat16/float16 query, key and value (all three in the same
         dtype) are kept in that dtype instead of float32 copies, for kernels that multiply them in that dtype and
         accumulate in float32 themselves (:mod:`.triton_kernel`); ``dtype`` stays the float32 compute dtype."""

@@ -1,7 +1,7 @@
 """MultiMax attention in Triton: ``softmax(σ(scale·Q·Kᵀ + bias) + mask)·V`` with exact gradients.
 
-The CUDA default of ``multimax_attention`` (and ``backend="triton"``). On CUDA it compiles for the GPU; on CPU tensors with
-``TRITON_INTERPRET=1`` (set before :mod:`triton` is first imported) the same kernels run in Triton's interpreter,
+The CUDA default of ``multimax_attention`` (and ``backend="triton"``). On CUDA it compiles for the GPU; on CPU tensors
+with ``TRITON_INTERPRET=1`` (set before :mod:`triton` is first imported) the same kernels run in Triton's interpreter,
 which is how the tests check them without a GPU. Triton is optional: without it this module imports,
 :func:`triton_available` is False and ``backend="triton"`` raises.
 
@@ -1032,7 +1032,7 @@ def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | 
     )
     target = GPUTarget("cuda", arch, 32)
     report = {}
-    for (kernel, grid, *args), kwargs in calls:
+    for (kernel, _grid, *args), kwargs in calls:
         bound = dict(zip(kernel.arg_names, args), **kwargs)
         options = {name: bound.pop(name) for name in ("num_warps", "num_stages")}
         signature, constants = {}, {}

@@ -3,7 +3,8 @@ and FSDP2 (``fully_shard`` per decoder layer, then the root), on CPU processes w
 
 Every process also builds the same model unwrapped and runs the whole global batch: the norm each ``output_clip``
 mode returns, and the clipped MultiMax gradients, must match that single-process reference. FSDP1 without
-``use_orig_params`` must be refused. Launch with ``torchrun --nproc_per_node 2 clip_worker.py OUT.json``; rank 0 writes the largest differences to OUT.json.
+``use_orig_params`` must be refused. Launch with ``torchrun --nproc_per_node 2 clip_worker.py OUT.json``; rank 0
+writes the largest differences to OUT.json.
 """
 
 from __future__ import annotations

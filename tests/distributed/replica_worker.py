@@ -1,8 +1,9 @@
 """``--check_replicas`` catches processes whose MultiMax parameters drifted apart.
 
 Prepares a tiny MultiMax Llama for DDP, checks that the replicas agree, then shifts one MultiMax parameter on rank 1
-only (what unsynchronised gradients would do) and checks that :func:`hf_multimax.training.distributed.replica_divergence`
-names it and that the training loop's check stops with an error. Rank 0 writes what it saw to the JSON path given.
+only (what unsynchronised gradients would do) and checks that
+:func:`hf_multimax.training.distributed.replica_divergence` names it and that the training loop's check stops with an
+error. Rank 0 writes what it saw to the JSON path given.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_multimax  # noqa: F401
-from hf_multimax.training.distributed import launched_without_accelerator, replica_divergence
 from hf_multimax.finetune.loop import TrainResult, check_replicas
+from hf_multimax.training.distributed import launched_without_accelerator, replica_divergence
 
 TARGET = "model.layers.1.self_attn.multimax.multimax_ts"
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import ROOT, load_example, load_module, reset_accelerate_state
 from transformers import AutoModelForCausalLM
 
 import hf_multimax  # noqa: F401  (registers "multimax" for the reloads)
-from scripts import ROOT, load_example, load_module, reset_accelerate_state
 
 WORKERS = Path(__file__).resolve().parent
 

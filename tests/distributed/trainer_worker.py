@@ -1,4 +1,5 @@
-"""Train a tiny MultiMax Llama with ``hf_multimax.MultiMaxTrainer`` (a ``transformers.Trainer``); run alone or under ``accelerate launch`` / ``torchrun``.
+"""Train a tiny MultiMax Llama with ``hf_multimax.MultiMaxTrainer`` (a ``transformers.Trainer``); run alone or under
+``accelerate launch`` / ``torchrun``.
 
 Used by tests/test_distributed.py: after every optimizer step a callback gathers the MultiMax parameters of every
 process and records the largest difference; the model is saved with ``Trainer.save_model`` and a ``worker.json``
@@ -16,9 +17,9 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 import hf_multimax  # noqa: F401  (registers "multimax")
-from hf_multimax.training.distributed import launched_without_accelerator
 from hf_multimax.integrations.trainer import MultiMaxTrainer
 from hf_multimax.training import multimax_parameter_names
+from hf_multimax.training.distributed import launched_without_accelerator
 
 
 class ReplicaCheck(TrainerCallback):

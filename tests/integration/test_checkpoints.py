@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import EXAMPLES, ROOT, load_example
 
 from hf_multimax.finetune.loop import CheckpointError
-from scripts import EXAMPLES, ROOT, load_example
 
 COMMON = [
     "--max_train_samples",

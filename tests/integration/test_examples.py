@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import load_example, load_module
 
 import hf_multimax
 from hf_multimax import data
-from scripts import load_example, load_module
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

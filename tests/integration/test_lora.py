@@ -3,14 +3,16 @@
 
 import pytest
 import torch
+from families import BY_NAME
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from scripts import load_example
 from transformers import AutoModelForCausalLM
 
 import hf_multimax
-from families import BY_NAME
 from hf_multimax import registry
-from scripts import load_example
+
+hf_multimax.register_comparators()  # registered on request only
 
 PARAMETRIC = sorted(
     {name for name, impl in registry.IMPLEMENTATIONS.items() if impl.parameters is not None} - {"multimax_eager"}

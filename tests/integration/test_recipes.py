@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from scripts import EXAMPLES, load_example
 
 import hf_multimax
 from hf_multimax import data
-from scripts import EXAMPLES, load_example
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -19,8 +19,7 @@ from transformers import (
 )
 
 import hf_multimax
-from hf_multimax import MultiMaxSeq2SeqTrainer, MultiMaxTrainer
-from hf_multimax import data, finetune
+from hf_multimax import MultiMaxSeq2SeqTrainer, MultiMaxTrainer, data, finetune
 from hf_multimax.finetune.tasks import CausalLMTask, load_sacrebleu
 from hf_multimax.training import multimax_parameter_groups, multimax_parameter_names, output_multimax_parameter_names
 

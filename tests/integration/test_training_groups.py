@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers import Trainer, TrainingArguments
+from families import BY_NAME, randomize_multimax
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import hf_multimax
 from hf_multimax import MultiMaxTrainer
 from hf_multimax.integrations import trainer as trainer_hooks
 from hf_multimax.training import multimax_parameter_names, output_multimax_parameter_names
-from families import BY_NAME, randomize_multimax
 
 
 def test_parameter_groups_exclude_multimax_from_decay():
@@ -136,13 +135,12 @@ def output_multimax_llama(vocab_size: int, logit_scale: float, backward: bool = 
 
 def grads_by_group(model) -> tuple[torch.Tensor, torch.Tensor]:
     names = set(output_multimax_parameter_names(model))
-    flat = lambda keep: torch.cat(
-        [
-            p.grad.flatten()
-            for n, p in model.named_parameters()  # noqa: E731
-            if p.grad is not None and keep(n in names)
-        ]
-    )
+
+    def flat(keep):
+        return torch.cat(
+            [p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None and keep(n in names)]
+        )
+
     return flat(lambda is_out: not is_out), flat(lambda is_out: is_out)
 
 

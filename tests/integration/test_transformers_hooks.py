@@ -8,11 +8,11 @@ import sys
 import textwrap
 
 import pytest
+from scripts import ROOT
 
 import hf_multimax
 from hf_multimax.integrations import trainer as trainer_hooks
 from hf_multimax.integrations import transformers as hooks
-from scripts import ROOT
 
 
 def python(code: str) -> str:
@@ -120,8 +120,9 @@ STOCK_MODELS = """
     configs = {
         "llama": (AutoModelForCausalLM, LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64)),
-        "bert": (AutoModelForSequenceClassification, BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                                num_attention_heads=4, vocab_size=64, num_labels=3)),
+        "bert": (AutoModelForSequenceClassification,
+                 BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=64, num_labels=3)),
         "t5": (AutoModelForSeq2SeqLM, T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=64,
                                                decoder_start_token_id=0)),
     }
@@ -140,6 +141,50 @@ STOCK_MODELS = """
                         "config": json.load(open(folder + "/config.json"))}
     print(json.dumps(result))
 """
+
+
+def test_comparators_are_registered_on_request_and_never_replace_another_packages():
+    out = json.loads(
+        python("""
+        import json
+        from transformers import AttentionInterface
+        import hf_multimax
+        from hf_multimax.compare.runner import check_implementations
+
+        NAMES = ["sparsemax", "entmax15", "entmax_alpha", "evsoftmax"]
+        def registered():
+            return [name for name in NAMES if name in AttentionInterface().valid_keys()]
+
+        result = {"after_import": registered()}
+        def theirs(module, query, key, value, attention_mask, **kwargs):
+            raise AssertionError("not called")
+        AttentionInterface.register("evsoftmax", theirs)
+        try:
+            hf_multimax.register_comparators()
+        except ValueError as error:
+            result["refused"] = str(error)
+        result["kept_theirs"] = AttentionInterface._global_mapping["evsoftmax"] is theirs
+        result["after_refusal"] = registered()
+        result["named"] = hf_multimax.register_comparators(["sparsemax"])
+        check_implementations(["sdpa", "entmax15"])  # what `hf-multimax compare --implementations` does
+        result["after_compare"] = registered()
+        try:
+            hf_multimax.register_comparators(["softmax2"])
+        except ValueError as error:
+            result["unknown"] = str(error)
+        hf_multimax.unregister()
+        result["after_unregister"] = [n for n in registered() if n != "evsoftmax"]
+        print(json.dumps(result))
+    """)
+    )
+    assert out["after_import"] == []
+    assert "'evsoftmax' is already registered with Transformers by __main__.theirs" in out["refused"]
+    assert out["kept_theirs"] is True
+    assert out["after_refusal"] == ["evsoftmax"]  # a refusal registers none of the others either
+    assert out["named"] == ["sparsemax"]
+    assert out["after_compare"] == ["sparsemax", "entmax15", "evsoftmax"]
+    assert "unknown comparator 'softmax2'" in out["unknown"]
+    assert out["after_unregister"] == []
 
 
 def test_stock_softmax_models_are_bit_identical_with_and_without_hf_multimax(tmp_path):

@@ -10,10 +10,10 @@ Inductor itself end to end.
 
 import pytest
 import torch
+from families import BY_NAME, randomize_multimax
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hf_multimax
-from families import BY_NAME, randomize_multimax
 from hf_multimax.kernels import multimax_attention, ops
 
 COMPILED = [

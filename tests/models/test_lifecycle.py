@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from families import BY_NAME, FAMILIES, FAMILY_IDS, randomize_multimax
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig
 
 import hf_multimax
-from families import BY_NAME, FAMILIES, FAMILY_IDS, randomize_multimax
 
 LLAMA = BY_NAME["llama"]
 

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from families import BY_NAME, FAMILIES, FAMILY_IDS, clone_weights, randomize_multimax
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import hf_multimax
-from families import BY_NAME, FAMILIES, FAMILY_IDS, clone_weights, randomize_multimax
 
 
 def formula_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_bias=None, **kw):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from families import BY_NAME, clone_weights, randomize_multimax
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import hf_multimax
-from families import BY_NAME, clone_weights, randomize_multimax
 
 CASES = ["llama", "gpt2", "t5", "bart", "bert", "vit"]
 

@@ -8,15 +8,15 @@ import torch
 from entmax import entmax15, entmax_bisect, sparsemax
 from torch import nn
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AttentionInterface,
     BertConfig,
     LlamaConfig,
 )
 from transformers.masking_utils import AttentionMaskInterface
 
-import hf_multimax  # noqa: F401  (registers the implementations)
+import hf_multimax
 from hf_multimax.comparators import (
     COMPARATORS,
     EVSOFTMAX_EPS,
@@ -27,6 +27,7 @@ from hf_multimax.comparators import (
     masked_sparsemax,
 )
 
+hf_multimax.register_comparators()  # registered on request only
 NAMES = list(COMPARATORS)
 ALPHAS = torch.tensor([1.2, 1.5, 2.0, 3.0])
 

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
+from kernel_backends import AVX2_TARGET, EXTRA_TARGETS
 
 from hf_multimax.kernels import cpu, select_backend
-from kernel_backends import AVX2_TARGET, EXTRA_TARGETS
 
 needs_kernel = pytest.mark.skipif(not cpu.cpu_kernel_available("native"), reason="CPU kernel unavailable here")
 

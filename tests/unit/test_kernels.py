@@ -16,14 +16,14 @@ from torch import nn
 
 import hf_multimax  # noqa: F401  (registers "multimax")
 from hf_multimax.attention import multimax_attention_forward, multimax_eager_attention_forward
-from hf_multimax.registry import IMPLEMENTATIONS
 from hf_multimax.kernels import cpu, multimax_attention, select_backend
 from hf_multimax.kernels.blocked import dropout_keep_scale
 from hf_multimax.kernels.problem import AttentionProblem
 from hf_multimax.masking import safe_softmax
+from hf_multimax.modeling import SegLU
+from hf_multimax.registry import IMPLEMENTATIONS
 
 FMIN = torch.finfo(torch.float32).min
-from hf_multimax.modeling import SegLU
 
 CPU_KERNEL = cpu.cpu_kernel_available()
 needs_cpu_kernel = pytest.mark.skipif(not CPU_KERNEL, reason=f"CPU kernel unavailable: {cpu.cpu_kernel_status()[1]}")
@@ -187,7 +187,7 @@ def test_gradcheck_float64():
         ranges = (torch.randn(shape, generator=gen, **f64) * 0.5).requires_grad_()
         ts = (torch.randn(shape, generator=gen, **f64) * 0.5).requires_grad_()
 
-        def fn(q, k, v, ranges, ts, bias):
+        def fn(q, k, v, ranges, ts, bias, dropout=dropout):
             torch.manual_seed(7)  # the same dropout mask at every evaluation
             return multimax_attention(q, k, v, ranges, ts, attention_mask=mask, position_bias=bias, dropout_p=dropout)
 

@@ -1,35 +1,18 @@
 """The package's layout holds: no import loops (lazy imports included), no import from a lower layer into a higher
 one, no library module importing the command line, and the packaging lists every package."""
 
-import sys
-import tomllib
-
 import pytest
-
+import tomllib
 from import_graph import cycles, graph
 from scripts import ROOT
 
 PACKAGE = ROOT / "hf_multimax"
 #: Layers from the bottom up; a module may import its own layer and the ones below. The facade (the package's
-#: ``__init__``, which only loads names on demand, and ``_compat``'s table of moved modules) sits above them all.
+#: ``__init__``, which only loads names on demand) sits above them all.
+# fmt: off
 LAYERS = (
-    (
-        "core",
-        (
-            "_version",
-            "config",
-            "functional",
-            "masking",
-            "modeling",
-            "kernels",
-            "attention",
-            "comparators",
-            "loss",
-            "registry",
-            "data",
-            "checkpoint",
-        ),
-    ),
+    ("core", ("_version", "extras", "config", "functional", "masking", "modeling", "kernels", "attention",
+              "comparators", "loss", "registry", "data", "checkpoint")),
     ("training", ("training",)),
     ("integrations", ("integrations",)),
     ("analysis", ("analysis",)),
@@ -38,7 +21,8 @@ LAYERS = (
     ("compare", ("compare",)),
     ("cli", ("cli",)),
 )
-FACADE = {"hf_multimax", "hf_multimax._compat"}
+# fmt: on
+FACADE = {"hf_multimax"}
 
 
 def layer_of(module: str) -> int:
@@ -102,18 +86,14 @@ def test_the_packaged_card_template_is_the_one_in_model_cards():
     assert default_template_path().resolve() == (ROOT / "model_cards" / "multimax_model_card.md").resolve()
 
 
-def test_old_module_names_still_import_with_a_warning():
+def test_every_public_name_is_defined_under_the_name_it_is_exported_by():
     import importlib
 
-    from hf_multimax import _compat
+    import hf_multimax
 
-    for old, new in _compat.MOVED.items():
-        sys.modules.pop(old, None)
-        with pytest.warns(FutureWarning, match=f"{old} moved to {new}"):
-            module = importlib.import_module(old)
-        assert module is importlib.import_module(new)
-        assert module.__spec__.name == new  # the module keeps its own identity
-    from hf_multimax.loss import causal_lm_loss
-    from hf_multimax.output_loss import causal_lm_loss as old_name
-
-    assert old_name is causal_lm_loss
+    assert set(hf_multimax.__all__) == {"__version__", *hf_multimax._PUBLIC}
+    for name, module in hf_multimax._PUBLIC.items():
+        assert name in importlib.import_module(module).__all__, f"{module} does not export {name}"
+        assert getattr(hf_multimax, name) is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no attribute 'output_loss'"):
+        hf_multimax.output_loss  # noqa: B018 (the old module names of before 0.1.0 are gone)

@@ -3,14 +3,15 @@ implementation this package registers; and padded keys' contents never reach the
 
 import pytest
 import torch
+from families import BY_NAME, randomize_multimax
 from torch import nn
 from transformers import AttentionInterface
 
-import hf_multimax  # noqa: F401  (registers the implementations)
-from families import BY_NAME, randomize_multimax
+import hf_multimax
 from hf_multimax.comparators import COMPARATORS, EntmaxAlphaParameters
 from hf_multimax.modeling import SegLU
 
+hf_multimax.register_comparators()  # registered on request only
 IMPLEMENTATIONS = ["multimax", "multimax_eager", *COMPARATORS]
 MIN = torch.finfo(torch.float32).min
 

@@ -25,12 +25,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' @triton.jit (first import below)
 
-import hf_multimax  # noqa: F401,E402
-from hf_multimax.kernels import multimax_attention, select_backend  # noqa: E402
-from hf_multimax.kernels import blocked, dispatch, triton_kernel  # noqa: E402
-from hf_multimax.kernels.blocked import dropout_keep_scale  # noqa: E402
-from hf_multimax.kernels.problem import AttentionProblem  # noqa: E402
-from hf_multimax.masking import additive_mask, safe_softmax  # noqa: E402
 from test_kernels import (  # noqa: E402
     CASES,
     assert_close,
@@ -41,6 +35,12 @@ from test_kernels import (  # noqa: E402
     params,
     reference,
 )
+
+import hf_multimax  # noqa: F401,E402
+from hf_multimax.kernels import blocked, dispatch, multimax_attention, select_backend, triton_kernel  # noqa: E402  # noqa: E402
+from hf_multimax.kernels.blocked import dropout_keep_scale  # noqa: E402
+from hf_multimax.kernels.problem import AttentionProblem  # noqa: E402
+from hf_multimax.masking import additive_mask, safe_softmax  # noqa: E402
 
 AVAILABLE, REASON = triton_kernel.triton_status("cuda" if torch.cuda.is_available() else "cpu")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -357,7 +357,7 @@ def test_gradcheck_float64():
         ranges = (torch.randn(shape, generator=gen, **f64) * 0.5).to(DEVICE).requires_grad_()
         ts = (torch.randn(shape, generator=gen, **f64) * 0.5).to(DEVICE).requires_grad_()
 
-        def fn(q, k, v, ranges, ts, bias):
+        def fn(q, k, v, ranges, ts, bias, dropout=dropout):
             torch.manual_seed(7)  # the same dropout mask at every evaluation
             return multimax_attention(
                 q, k, v, ranges, ts, attention_mask=mask, position_bias=bias, dropout_p=dropout, backend="triton"

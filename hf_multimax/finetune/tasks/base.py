@@ -120,7 +120,7 @@ def _builder_for(path: str) -> str:
 
 
 def load_raw_datasets(
-    embedded: Callable[[], "datasets.Dataset"],
+    embedded: Callable[[], datasets.Dataset],
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
     train_file: str | None = None,
@@ -129,7 +129,7 @@ def load_raw_datasets(
     seed: int = 0,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
-) -> "datasets.DatasetDict":
+) -> datasets.DatasetDict:
     """``{"train", "validation"}`` splits from the Hub (``dataset_name``), local files, or ``embedded()`` (neither
     given: the task's embedded default), as Transformers' ``run_*`` examples accept them.
 
@@ -207,7 +207,7 @@ class Task:
         """Add the task's own flags."""
 
     # -- data --------------------------------------------------------------------------------------------------------
-    def embedded_dataset(self) -> "datasets.Dataset":
+    def embedded_dataset(self) -> datasets.Dataset:
         """The task's embedded default data (:mod:`hf_multimax.data`) as a ``datasets.Dataset`` with the columns a Hub
         dataset of the same kind has."""
         raise NotImplementedError
