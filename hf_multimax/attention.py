@@ -149,7 +149,7 @@ def multimax_attention_forward(
     """Fused MultiMax attention (``"multimax"``): the same function as :func:`multimax_eager_attention_forward`
     without ever materialising the (batch, heads, q, k) scores.
 
-    Runs :func:`hf_multimax.kernels.multimax_attention` (fused C++ kernel on CPU, FlexAttention on CUDA, blocked
+    Runs :func:`hf_multimax.kernels.multimax_attention` (fused C++ kernel on CPU, the Triton kernel on CUDA, blocked
     PyTorch otherwise), which keeps one log-sum-exp per query row and recomputes scores in the backward. GQA runs
     without repeating keys and values; purely causal attention skips the fully masked key tiles. When attention
     weights are requested (``output_attentions``) it defers to the reference, the only path that has them.

@@ -6,8 +6,10 @@ captured ``ranges``/``ts`` (reductions over every score) come from FlexAttention
 attention uses a block mask, so fully masked tiles are skipped; padding masks stay in the ``score_mod`` (masked
 scores become ``-inf`` after σ, like the reference: a fully masked row gives zeros).
 
-Dropout is not supported by FlexAttention: the dispatcher sends dropout to the blocked PyTorch path. On CPU,
-FlexAttention has no backward; there this module only serves to check the ``score_mod`` against the reference.
+Dropout is not supported by FlexAttention: the dispatcher sends dropout to the blocked PyTorch path. A forward that
+fails to compile falls back to that path with a warning (:mod:`.dispatch`); a backward that fails to compile raises
+from ``backward()``, where PyTorch compiles it. On CPU, FlexAttention has no backward; there this module only serves
+to check the ``score_mod`` against the reference.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def flex_available() -> bool:
 
 
 class FlexCompileError(RuntimeError):
-    """The compiled FlexAttention kernel failed; :func:`flex_available` is False from then on in this process."""
+    """The compiled FlexAttention kernel failed to compile (an error of Dynamo or Inductor); :func:`flex_available`
+    is False from then on in this process. Other errors (out of memory, a failed launch) propagate as they are."""
 
 
 @functools.cache
@@ -119,11 +122,13 @@ def flex_multimax_attention(
             query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != h
         )
         return out.transpose(1, 2).contiguous()
+    from torch._dynamo.exc import TorchDynamoException
+
     try:
         out = _compiled_flex()(
             query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != h
         )
-    except Exception as error:
+    except TorchDynamoException as error:  # the compile stack (Dynamo, Inductor) failed
         _BROKEN.append(f"{type(error).__name__}: {error}")
         raise FlexCompileError(f"compiled FlexAttention failed: {type(error).__name__}: {error}") from error
     return out.transpose(1, 2).contiguous()

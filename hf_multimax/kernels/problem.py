@@ -105,6 +105,14 @@ class AttentionProblem:
         """An empty dimension: nothing for a kernel to do (the blocked path returns the empty results)."""
         return 0 in (self.batch, self.heads, self.q_len, self.kv_len, self.head_dim, self.v_dim)
 
+    def describe(self) -> str:
+        """The shapes, dtypes, order and device of this problem, for messages."""
+        name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
+        return (
+            f"query {tuple(self.q.shape)}, key {tuple(self.k.shape)}, value {tuple(self.v.shape)} {name(self.q.dtype)} "
+            f"(compute {name(self.dtype)}), order {self.order}, device {self.q.device.type}"
+        )
+
     def in_compute_dtype(self) -> AttentionProblem:
         """This problem with query, key and value in the compute dtype (undoing ``native_dtype``)."""
         if self.q.dtype == self.dtype:

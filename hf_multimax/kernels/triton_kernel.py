@@ -62,10 +62,11 @@ bit for bit (32-bit integer arithmetic in the kernel): the three backends drop t
 the backward regenerates the mask instead of storing it.
 
 Bad input never gives a wrong result: orders above :data:`MAX_ORDER`, head dimensions above :data:`MAX_HEAD_DIM`,
-tensors on a device Triton cannot run on here, or a failed first-use self-test (a tiny problem compared with the
-PyTorch path) make :func:`unsupported` say why, and a compile or launch error raises; either way
-:mod:`hf_multimax.kernels.dispatch` sends the call to the blocked PyTorch path with one warning naming the shapes and
-the dtype.
+tensors on a device Triton cannot run on here, a failed first-use self-test (a tiny problem compared with the
+PyTorch path) or an earlier compile error of the same variant make :func:`unsupported` say why, and
+:mod:`hf_multimax.kernels.dispatch` sends the call to the blocked PyTorch path with a warning naming the shapes and
+the dtype. A compile error at launch (:func:`cannot_take`) does the same; any other launch failure, and an
+out-of-memory error, propagates.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ __all__ = [
     "triton_status",
     "unsupported",
     "describe",
+    "cannot_take",
+    "remember_failure",
     "forward",
     "backward",
     "compile_offline",
@@ -120,6 +123,7 @@ PRECISION = {"split_pv": True, "split_ds": False}
 
 _LOCK = threading.Lock()
 _VERIFIED: dict[str, str | None] = {}  # device type -> None (self-test passed) or the reason it failed
+_FAILED: dict[tuple, str] = {}  # (op, variant) -> the compile error of those kernels
 
 
 def _interpreting() -> bool:
@@ -802,14 +806,6 @@ class _Unsupported(ValueError):
     """A problem the kernels do not take (routed to the blocked path)."""
 
 
-def _describe(p: AttentionProblem) -> str:
-    name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
-    return (
-        f"query {tuple(p.q.shape)}, key {tuple(p.k.shape)}, value {tuple(p.v.shape)} {name(p.q.dtype)} (compute "
-        f"{name(p.dtype)}), order {p.order}, device {p.q.device.type}"
-    )
-
-
 def _check(p: AttentionProblem) -> None:
     ok, reason = triton_status(p.q.device)
     if not ok:
@@ -886,10 +882,12 @@ def _common(p: AttentionProblem) -> dict:
 
 
 def _run(kernel, grid, *args, **kwargs) -> None:
+    """Launch ``kernel`` (compiling it on first use): the one place the launchers meet Triton's runtime."""
     kernel[grid](*args, **kwargs)
 
 
-def _launch_forward(p: AttentionProblem, launch=_run) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_forward(p: AttentionProblem, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    launch = launch or _run
     out = torch.empty(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device)
     stats = torch.empty(2, p.batch, p.heads, p.q_len, dtype=p.dtype, device=p.q.device)
     c = _common(p)
@@ -921,7 +919,8 @@ def _launch_forward(p: AttentionProblem, launch=_run) -> tuple[torch.Tensor, tor
     return out, stats
 
 
-def _launch_backward(p, out, stats, dout, need_bias_grad, launch=_run):
+def _launch_backward(p, out, stats, dout, need_bias_grad, launch=None):
+    launch = launch or _run
     device = p.q.device
     # rowsum(dO ∘ O) from the saved output in the compute dtype (see function.MultiMaxAttentionFunction).
     delta = (dout.to(p.dtype) * out.to(p.dtype)).sum(-1).transpose(1, 2).contiguous()
@@ -1063,7 +1062,7 @@ def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | 
 
 def describe(p: AttentionProblem) -> str:
     """The shapes, dtypes, order and device of ``p``, for messages."""
-    return _describe(p)
+    return p.describe()
 
 
 def _self_test(device: torch.device) -> str | None:
@@ -1082,6 +1081,8 @@ def _self_test(device: torch.device) -> str | None:
         want = blocked.backward(p, expected, stats, dout, True)
         got_out, got_stats = _launch_forward(p)
         got = _launch_backward(p, got_out, got_stats, dout, True)
+    except torch.OutOfMemoryError:  # the device is full, not the kernel broken: the caller sees it
+        raise
     except Exception as error:  # a compile or launch failure
         return f"{type(error).__name__}: {error}"
     for name, a, b in zip(("out", "dq", "dk", "dv", "sums", "dbias"), (got_out, *got), (expected, *want)):
@@ -1101,15 +1102,79 @@ def _verified(p: AttentionProblem) -> str | None:
         return _VERIFIED[kind]
 
 
-def unsupported(p: AttentionProblem) -> str | None:
+def unsupported(p: AttentionProblem, op: str = "forward") -> str | None:
     """Why the kernels cannot run ``p`` (triton missing, the device, the order, the head dimension, a failed
-    first-use self-test), or ``None`` when they can."""
+    first-use self-test, or an earlier compile error of the ``op`` kernels for this variant), or ``None`` when they
+    can."""
     try:
         _check(p)
     except _Unsupported as error:
         return str(error)
     failed = _verified(p)
-    return None if failed is None else f"the kernel failed its self-test ({failed})"
+    if failed is not None:
+        return f"the kernel failed its self-test ({failed})"
+    with _LOCK:
+        return _FAILED.get((op, *_variant(p)))
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Triton's exceptions for "this kernel cannot be built for this problem here" (the ones Triton's own autotuner
+    treats as a configuration that cannot run): frontend errors, resources past the device's limits, ``ptxas``."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+
+    return (
+        CompilationError,
+        *(getattr(errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(errors, name)),
+    )
+
+
+def _raised_while_compiling(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside ``triton.compiler.compiler.compile`` (an MLIR pass or a backend stage that
+    failed, which Triton raises as a plain ``RuntimeError``)."""
+    tb = error.__traceback__
+    suffix = os.path.join("triton", "compiler", "compiler.py")
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "compile" and code.co_filename.endswith(suffix):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def cannot_take(error: BaseException) -> str | None:
+    """``"<type>: <message>"`` when ``error``, raised by :func:`forward` or :func:`backward`, means that the kernel
+    cannot be built for this problem on this device (a compile error, see :mod:`.dispatch`), else ``None``:
+    out-of-memory errors, launch failures and anything else are not the kernel's limits and must propagate."""
+    if triton is None or isinstance(error, torch.OutOfMemoryError):
+        return None
+    if not isinstance(error, _compile_errors()) and not _raised_while_compiling(error):
+        return None
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message[:400]}{'...' if len(message) > 400 else ''}"
+
+
+def _variant(p: AttentionProblem) -> tuple:
+    """What selects one compiled version of the kernels (besides the launch sizes)."""
+    mask = "none" if p.mask is None else str(p.mask.dtype)
+    return (
+        str(p.q.device),
+        p.q.dtype,
+        _pad(p.head_dim),
+        _pad(p.v_dim),
+        p.order,
+        p.causal,
+        mask,
+        p.bias is not None,
+        p.dropout_p > 0,
+    )
+
+
+def remember_failure(p: AttentionProblem, op: str, reason: str) -> None:
+    """Record that the ``op`` (``"forward"``/``"backward"``) kernels of ``p``'s variant failed to compile, so that
+    :func:`unsupported` says so from now on instead of compiling them again on every call."""
+    with _LOCK:
+        _FAILED[(op, *_variant(p))] = reason
 
 
 def forward(p: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ is checked by ``gradcheck`` in float64; whole models give the same logits and gr
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,15 @@ from torch import nn
 
 import hf_multimax  # noqa: F401  (registers "multimax")
 from hf_multimax.attention import multimax_attention_forward, multimax_eager_attention_forward
-from hf_multimax.kernels import cpu, multimax_attention, select_backend
+from hf_multimax.kernels import (
+    BackendCall,
+    KernelFallbackWarning,
+    cpu,
+    last_backend,
+    multimax_attention,
+    record_backends,
+    select_backend,
+)
 from hf_multimax.kernels.blocked import dropout_keep_scale
 from hf_multimax.kernels.problem import AttentionProblem
 from hf_multimax.masking import safe_softmax
@@ -401,8 +410,34 @@ def test_high_order_runs_on_the_pytorch_path():
     q, k, v, mask, _, _ = make_inputs("left_padding_bool")
     module = attention_module(5, None)
     expected = reference(module, q, k, v, mask, None, False)
-    out, _ = multimax_attention_forward(module, q, k, v, mask)
+    with record_backends() as seen, warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out, _ = multimax_attention_forward(module, q, k, v, mask)
     assert_close(out, expected, 1e-5)
+    assert [(c.backend, c.wanted) for c in seen] == [("torch", "cpu" if CPU_KERNEL else "torch")]
+    if CPU_KERNEL:  # the C++ kernel would have run it: a fallback, with a warning naming the order and the shapes
+        (message,) = [str(w.message) for w in record if w.category is KernelFallbackWarning]
+        assert "order 5" in message and "query (3, 2, 21, 8)" in message and "order 5" in seen[0].fallback
+
+
+@pytest.mark.parametrize(
+    "dtype,backend,expected",
+    [
+        (torch.float32, None, "cpu" if CPU_KERNEL else "torch"),
+        (torch.bfloat16, None, "cpu" if CPU_KERNEL else "torch"),
+        (torch.float64, None, "torch"),  # float64 (gradcheck): the blocked path by design, not a fallback
+        (torch.float32, "torch", "torch"),
+    ],
+)
+def test_record_backends_names_the_backend_that_ran(dtype, backend, expected, recwarn):
+    q, k, v, mask, bias, causal = make_inputs("position_bias", dtype)
+    module = attention_module(2, None).to(dtype)
+    with record_backends() as seen:
+        out = multimax_attention(q, k, v, *params(module), attention_mask=mask, position_bias=bias, backend=backend)
+        grads(out, [q, k, v, *params(module), bias])
+    assert seen == [BackendCall("forward", expected, expected), BackendCall("backward", expected, expected)]
+    assert last_backend() == seen[-1]
+    assert not [w for w in recwarn if w.category is KernelFallbackWarning]
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch, caplog):

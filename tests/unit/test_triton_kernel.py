@@ -6,16 +6,18 @@ output and all gradients (query, key, value, ``ranges``, ``ts``, position bias) 
 float32 (tight) and in float64 (output within 1e-3, gradients within 5e-3 of the tensor's scale), over causal and
 cross attention, bool/float/padding masks, GQA, decoding, T5 position bias (every broadcast shape), orders 1 to 4,
 shared and per-head parameters, tile-straddling lengths and several tile shapes; half precision against float64;
-``gradcheck`` in float64; dropout bit for bit against the blocked path; fully masked rows; determinism; and the
-fallback to the blocked path (unsupported order or head dimension, compile error, failed self-test) with one warning.
-An autouse fixture fails any other test that fell back, so a passing test really ran the kernel.
+``gradcheck`` in float64; dropout bit for bit against the blocked path; fully masked rows; determinism; the
+fallback contract: an unsupported order or head dimension, a compile error or a failed self-test fall back to the
+blocked path with a warning naming them, while other launch failures, out-of-memory errors and input errors propagate;
+and the backend recorder. An autouse fixture records every call and fails any test whose calls fell back unexpectedly,
+so a passing test really ran the kernel.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -37,7 +39,16 @@ from test_kernels import (  # noqa: E402
 )
 
 import hf_multimax  # noqa: F401,E402
-from hf_multimax.kernels import blocked, dispatch, multimax_attention, select_backend, triton_kernel  # noqa: E402  # noqa: E402
+from hf_multimax.kernels import (  # noqa: E402
+    BackendCall,
+    KernelFallbackWarning,
+    blocked,
+    last_backend,
+    multimax_attention,
+    record_backends,
+    select_backend,
+    triton_kernel,
+)
 from hf_multimax.kernels.blocked import dropout_keep_scale  # noqa: E402
 from hf_multimax.kernels.problem import AttentionProblem  # noqa: E402
 from hf_multimax.masking import additive_mask, safe_softmax  # noqa: E402
@@ -49,21 +60,15 @@ WITHOUT_TRITON = {"test_package_imports_without_triton", "test_native_dtype_opti
 
 
 @pytest.fixture(autouse=True)
-def fallbacks(request, monkeypatch):
-    """Every call that went to the blocked path instead of the kernel; must stay empty unless a test expects it.
-    Skips the tests that need the kernels when triton cannot run here (not installed, or no CUDA and no interpreter)."""
+def fallbacks(request):
+    """Every attention call of the test as it ran (:func:`record_backends`); none may have fallen back from the kernel
+    chosen for it unless the test expects it (then it clears the list). Skips the tests that need the kernels when
+    triton cannot run here (not installed, or no CUDA and no interpreter)."""
     if not AVAILABLE and request.node.originalname not in WITHOUT_TRITON:
         pytest.skip(f"the Triton kernel cannot run here: {REASON}")
-    seen: list[str] = []
-    original = dispatch._warn_once
-
-    def record(message: str) -> None:
-        seen.append(message)
-        original(message)
-
-    monkeypatch.setattr(dispatch, "_warn_once", record)
-    yield seen
-    assert not seen, f"the Triton path fell back: {seen}"
+    with record_backends() as seen:
+        yield seen
+    assert not [call for call in seen if call.fallback is not None], f"a call fell back: {seen}"
 
 
 def to_device(tensors):
@@ -538,9 +543,12 @@ def _fallback_case():
     return q, k, v, mask.to(DEVICE), bias, causal
 
 
+def _fallback_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, KernelFallbackWarning)]
+
+
 @pytest.mark.parametrize("what", ["order", "head_dim"])
-def test_unsupported_shapes_fall_back_with_one_warning(what, fallbacks, monkeypatch, caplog):
-    monkeypatch.setattr(dispatch, "_WARNED", set())
+def test_unsupported_shapes_fall_back_with_a_warning_naming_them(what, fallbacks, monkeypatch):
     q, k, v, mask, bias, causal = _fallback_case()
     order = 2
     if what == "order":
@@ -548,52 +556,179 @@ def test_unsupported_shapes_fall_back_with_one_warning(what, fallbacks, monkeypa
     else:
         monkeypatch.setattr(triton_kernel, "MAX_HEAD_DIM", 4)  # head_dim 8 is now "too large"
     module = attention_module(order, None).to(DEVICE)
-    with caplog.at_level(logging.WARNING, logger="hf_multimax.kernels.dispatch"):
+    with pytest.warns(KernelFallbackWarning) as record:
         check_against_references(q, k, v, module, mask, bias, causal)
-        run("triton", q, k, v, module, mask, bias, causal)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_multimax.kernels.dispatch"]
-    assert len(warnings) == 1, warnings
-    assert "query (2, 2, 13, 8)" in warnings[0] and "float32" in warnings[0] and "blocked PyTorch" in warnings[0]
-    assert ("order 5" if what == "order" else "head dimension 8") in warnings[0]
+    messages = set(_fallback_warnings(record))
+    assert len(messages) == 1, messages  # forward and backward: the same message, shown once by default
+    message = messages.pop()
+    assert "query (2, 2, 13, 8)" in message and "float32" in message and "blocked PyTorch" in message
+    assert ("order 5" if what == "order" else "head dimension 8") in message
+    assert [(c.op, c.backend, c.wanted) for c in fallbacks] == [
+        ("forward", "torch", "triton"),
+        ("backward", "torch", "triton"),
+    ]
+    assert all(("order 5" if what == "order" else "head dimension 8") in c.fallback for c in fallbacks)
     fallbacks.clear()
 
 
-def test_compile_error_falls_back_with_one_warning(fallbacks, monkeypatch, caplog):
-    monkeypatch.setattr(dispatch, "_WARNED", set())
-    monkeypatch.setitem(triton_kernel._VERIFIED, q_device_type(), None)
+def _simulated_compile_error() -> Exception:
+    """The exception Triton's code generator raises for a kernel it cannot build (its real class)."""
+    import ast
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("CompilationError: at 12:4: simulated")
+    from triton.compiler.errors import CompilationError
 
-    monkeypatch.setattr(triton_kernel, "_launch_forward", broken)
-    monkeypatch.setattr(triton_kernel, "_launch_backward", broken)
+    return CompilationError("def kernel(x):\n    tl.dot(x, x)", ast.parse("tl.dot(x, x)").body[0], "simulated")
+
+
+def _failing_launches(monkeypatch, error: Exception, on: str = "any") -> list[str]:
+    """Make the kernels' launches raise ``error`` (all of them, or only the backward's: ``on="backward"``); returns
+    the names of the kernels whose launch was attempted. The launch function is the boundary to Triton's runtime."""
+    attempted = []
+    original = triton_kernel._run
+
+    def launch(kernel, grid, *args, **kwargs):
+        attempted.append(kernel.__name__)
+        if on == "any" or kernel.__name__.startswith("_bwd"):
+            raise error
+        return original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_kernel, "_run", launch)
+    monkeypatch.setitem(triton_kernel._VERIFIED, torch.device(DEVICE).type, None)  # the self-test passed earlier
+    monkeypatch.setattr(triton_kernel, "_FAILED", {})
+    return attempted
+
+
+@pytest.mark.parametrize("kind", ["CompilationError", "OutOfResources"])
+def test_compile_error_falls_back_with_a_warning_naming_it(kind, fallbacks, monkeypatch):
+    """A kernel Triton cannot build for this problem here (frontend error; shared memory past the device's limit): the
+    blocked path computes the call, a warning names the error and the shapes, and the variant is not tried again."""
+    from triton.runtime.errors import OutOfResources
+
+    error = (
+        _simulated_compile_error() if kind == "CompilationError" else OutOfResources(262144, 232448, "shared memory")
+    )
+    attempted = _failing_launches(monkeypatch, error)
     q, k, v, mask, bias, causal = _fallback_case()
     module = attention_module(2, None).to(DEVICE)
-    with caplog.at_level(logging.WARNING, logger="hf_multimax.kernels.dispatch"):
+    with pytest.warns(KernelFallbackWarning) as record:
         check_against_references(q, k, v, module, mask, bias, causal)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_multimax.kernels.dispatch"]
-    assert len(warnings) == 1 and "simulated" in warnings[0] and "(2, 2, 13, 8)" in warnings[0], warnings
+        check_against_references(q, k, v, module, mask, bias, causal)
+    messages = _fallback_warnings(record)
+    assert messages and all(kind in m and "(2, 2, 13, 8)" in m and "blocked PyTorch" in m for m in messages), messages
+    assert attempted == ["_fwd_kernel", "_bwd_dkdv_kernel"]  # once each; then remembered
+    assert [c.backend for c in fallbacks] == ["torch"] * 4 and all(kind in c.fallback for c in fallbacks)
     fallbacks.clear()
 
 
-def test_failed_self_test_falls_back(fallbacks, monkeypatch, caplog):
-    monkeypatch.setattr(dispatch, "_WARNED", set())
+def test_backward_compile_error_keeps_the_forward_on_the_kernel(fallbacks, monkeypatch):
+    _failing_launches(monkeypatch, _simulated_compile_error(), on="backward")
+    q, k, v, mask, bias, causal = _fallback_case()
+    module = attention_module(2, None).to(DEVICE)
+    with pytest.warns(KernelFallbackWarning, match="failed to compile the backward"):
+        check_against_references(q, k, v, module, mask, bias, causal)
+    assert [(c.op, c.backend) for c in fallbacks] == [("forward", "triton"), ("backward", "torch")]
+    fallbacks.clear()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        ValueError("bad launch argument"),
+        TypeError("bad launch argument type"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+@pytest.mark.parametrize("on", ["any", "backward"])
+def test_other_launch_failures_propagate(error, on, fallbacks, monkeypatch, recwarn):
+    """A failed launch that is not a compile error, and running out of memory, are not the kernel's limits: the
+    error reaches the caller (as SDPA's would), nothing is retried on the slower path, no fallback is recorded."""
+    attempted = _failing_launches(monkeypatch, error, on=on)
+    q, k, v, mask, bias, causal = _fallback_case()
+    module = attention_module(2, None).to(DEVICE)
+    inputs = [q, k, v, *params(module), bias]
+    with pytest.raises(type(error), match=re.escape(str(error))):
+        grads(run("triton", q, k, v, module, mask, bias, causal), inputs)
+    assert attempted == (["_fwd_kernel"] if on == "any" else ["_fwd_kernel", "_bwd_dkdv_kernel"])
+    assert not _fallback_warnings(recwarn) and not triton_kernel._FAILED
+    assert [(c.op, c.backend) for c in fallbacks] == ([] if on == "any" else [("forward", "triton")])
+
+
+def test_out_of_memory_in_the_self_test_propagates(monkeypatch):
+    """The first-use self-test fails over to the blocked path for a broken kernel, but not for a full device: that
+    error reaches the caller, and the self-test runs again on the next call."""
+    monkeypatch.setattr(triton_kernel, "_VERIFIED", {})
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(triton_kernel, "_launch_forward", full)
+    q, k, v, mask, bias, causal = _fallback_case()
+    module = attention_module(2, None).to(DEVICE)
+    with pytest.raises(torch.OutOfMemoryError):
+        run("triton", q, k, v, module, mask, bias, causal)
+    assert triton_kernel._VERIFIED == {}
+
+
+def test_failed_self_test_falls_back(fallbacks, monkeypatch):
     monkeypatch.setattr(triton_kernel, "_VERIFIED", {})
     monkeypatch.setattr(triton_kernel, "_self_test", lambda device: "self-test mismatch in dq (simulated)")
     q, k, v, mask, bias, causal = _fallback_case()
     module = attention_module(2, None).to(DEVICE)
-    with caplog.at_level(logging.WARNING, logger="hf_multimax.kernels.dispatch"):
+    with pytest.warns(KernelFallbackWarning, match="self-test mismatch in dq"):
         check_against_references(q, k, v, module, mask, bias, causal)
-    assert "self-test" in caplog.text and len(fallbacks) == 2  # forward and backward, one warning
+    assert len(fallbacks) == 2 and all("self-test" in c.fallback for c in fallbacks)
     fallbacks.clear()
+
+
+def test_record_backends_and_last_backend():
+    """The recorder sees each forward and backward with the backend that computed it; nested recorders each see the
+    calls made inside them; last_backend is the latest call."""
+    q, k, v, mask, bias, causal = _fallback_case()
+    module = attention_module(2, None).to(DEVICE)
+    inputs = [q, k, v, *params(module), bias]
+    with record_backends() as outer:
+        grads(run("triton", q, k, v, module, mask, bias, causal), inputs)
+        assert last_backend() == BackendCall("backward", "triton", "triton")
+        with record_backends() as inner:
+            run("torch", q, k, v, module, mask, bias, causal)
+    assert [(c.op, c.backend) for c in outer] == [("forward", "triton"), ("backward", "triton"), ("forward", "torch")]
+    assert inner == [BackendCall("forward", "torch", "torch")] and last_backend() == inner[0]
+
+
+def test_real_compile_error_is_recognised():
+    """A real error of Triton's code generator (a kernel that adds a pointer to a pointer), compiled for sm_90 without
+    a GPU, is what the dispatcher falls back on; an out-of-memory error and a plain RuntimeError are not."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.jit import JITFunction
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend to compile with")
+
+    def broken(X, Y):
+        tl.store(X, X + Y)
+
+    try:
+        triton.compile(
+            ASTSource(JITFunction(broken), {"X": "*fp32", "Y": "*fp32"}, {}), target=GPUTarget("cuda", 90, 32)
+        )
+    except Exception as error:  # noqa: BLE001 (whatever Triton raises is what is checked)
+        caught = error
+    else:
+        pytest.fail("the broken kernel compiled")
+    assert isinstance(caught, CompilationError), caught
+    assert triton_kernel.cannot_take(caught) is not None and type(caught).__name__ in triton_kernel.cannot_take(caught)
+    assert triton_kernel.cannot_take(torch.OutOfMemoryError("CUDA out of memory")) is None
+    assert triton_kernel.cannot_take(RuntimeError("Triton Error [CUDA]: misaligned address")) is None
 
 
 def test_real_self_test_passes():
     assert triton_kernel._self_test(torch.device(DEVICE)) is None
-
-
-def q_device_type() -> str:
-    return torch.device(DEVICE).type
 
 
 def test_cases_cover_the_shared_table():
