@@ -645,6 +645,7 @@ def train_run(
     progress = tqdm(total=steps, desc=f"{implementation} seed {seed}", unit="step", mininterval=5)
     loop_started = time.perf_counter()
     step, checked, failure, failed_step = 0, 0, None, None
+    steady: tuple[int, float, float] | None = None  # where the steady-state pace is measured from
     try:
         run_eval(0)
         last = (0, time.perf_counter(), timer["eval"])
@@ -683,6 +684,8 @@ def train_run(
                     )
                     break
             last = (step, time.perf_counter(), timer["eval"])
+            if steady is None and step >= max(CHECK_EVERY, steps // 10):
+                steady = last
     except Exception as error:  # one run failing must not stop the others
         logger.error("%s seed %d failed: %s: %s", implementation, seed, type(error).__name__, error, exc_info=True)
         failure = f"{type(error).__name__}: {error}"
@@ -690,7 +693,8 @@ def train_run(
         progress.close()
         logging.getLogger("hf_multimax").removeHandler(warnings)
     _sync(device)
-    train_seconds = time.perf_counter() - loop_started - timer["eval"]
+    ended = time.perf_counter()
+    train_seconds = ended - loop_started - timer["eval"]
     values = losses[: failed_step or step].tolist()
     tail = values[-max(1, len(values) // 10) :]
     metrics: dict[str, Any] = {}
@@ -699,6 +703,9 @@ def train_run(
         metrics["perplexity"] = math.exp(min(evals[-1][1], 700.0))
     if step:
         metrics["tokens_per_second"] = step * tokens_per_step / train_seconds
+    if failure is None and steady is not None and step > steady[0]:
+        seconds = ended - steady[1] - (timer["eval"] - steady[2])
+        metrics["tokens_per_second_steady"] = (step - steady[0]) * tokens_per_step / seconds
     record: dict[str, Any] = {
         "implementation": implementation,
         "seed": seed,
@@ -997,24 +1004,26 @@ def results_markdown(results: Mapping[str, Any], figures: Sequence[str]) -> str:
 
 
 def short_table(results: Mapping[str, Any]) -> str:
-    """Per run: held-out loss, perplexity, tokens/s or the error; then the paired differences."""
+    """Per run: held-out loss, perplexity, tokens/s over the whole loop and steady (after the first 10% of the
+    steps; evaluations excluded from both), and the error of a failed run; then the paired differences."""
     lines = [
-        f"{'attention':<12} {'seed':>4} {'tokens':>12} {'eval loss':>9} {'perplexity':>10} {'tokens/s':>10}  status"
+        f"{'attention':<12} {'seed':>4} {'tokens':>12} {'eval loss':>9} {'perplexity':>10} {'tokens/s':>10} "
+        f"{'steady':>10}  status"
     ]
     for run in results["runs"]:
         metrics = run.get("metrics") or {}
-        number = {k: metrics.get(k) for k in ("eval_loss", "perplexity", "tokens_per_second")}
         lines.append(
             f"{run['implementation']:<12} {run['seed']:>4} {run.get('tokens', 0):>12,} "
-            f"{_number(number['eval_loss'], '.4f'):>9} {_number(number['perplexity'], '.2f'):>10} "
-            f"{_number(number['tokens_per_second'], ',.0f'):>10}  {run.get('error') or 'ok'}"
+            f"{_number(metrics.get('eval_loss'), '.4f'):>9} {_number(metrics.get('perplexity'), '.2f'):>10} "
+            f"{_number(metrics.get('tokens_per_second'), ',.0f'):>10} "
+            f"{_number(metrics.get('tokens_per_second_steady'), ',.0f'):>10}  {run.get('error') or 'ok'}"
         )
     from hf_multimax.compare.statistics import format_aligned
 
     for implementation, diffs in results.get("versus_baseline", {}).items():
         parts = [
             f"{name} {format_aligned(diffs[name])}"
-            for name in ("eval_loss", "perplexity", "tokens_per_second")
+            for name in ("eval_loss", "perplexity", "tokens_per_second_steady")
             if name in diffs
         ]
         pairs = max((d.get("n", 0) for d in diffs.values()), default=0)
