@@ -167,6 +167,39 @@ def sgemm_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype:
     return 2 * size**3 / statistics.median(samples) / 1e9
 
 
+def expected_backend(device: str, order: int) -> str:
+    """The kernel a ``multimax`` benchmark claims to time: Triton on CUDA, the fused C++ kernel on the CPU where it
+    builds and takes the order, else the blocked PyTorch path."""
+    if device == "cuda":
+        return "triton"
+    from hf_multimax.kernels import cpu
+
+    return "cpu" if order <= cpu.MAX_ORDER and cpu.cpu_kernel_available() else "torch"
+
+
+def on_backend(run: Callable[[], object], expected: str, label: str) -> Callable[[], object]:
+    """``run`` that exits the benchmark (``SystemExit``: a message, exit code 1) when an attention call inside it was
+    not computed by the ``expected`` backend (:func:`hf_multimax.kernels.record_backends`), or when none was made: a
+    timing of a fallback must never pass for one of the kernel."""
+    from hf_multimax.kernels import record_backends
+
+    def checked():
+        with record_backends() as seen:
+            result = run()
+        wrong = [call for call in seen if call.backend != expected]
+        if wrong or not seen:
+            ran = sorted({call.backend for call in seen}) or "no MultiMax kernel"
+            why = next((call.fallback for call in wrong if call.fallback), None)
+            raise SystemExit(
+                f"error: {label} was to be timed on the {expected!r} kernel but ran on {ran}"
+                + (f" (fell back: {why})" if why else "")
+                + "; refusing to report its times"
+            )
+        return result
+
+    return checked
+
+
 def fmt_ratio(value: float | None, base: float | None) -> str:
     return "–" if value is None or base in (None, 0) else f"{value / base:.2f}"
 

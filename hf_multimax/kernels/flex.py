@@ -21,7 +21,13 @@ import torch
 from ..functional import seglu_order
 from ..masking import additive_mask
 
-__all__ = ["flex_available", "flex_multimax_attention", "seglu_score_mod", "FlexCompileError"]
+__all__ = [
+    "flex_available",
+    "flex_multimax_attention",
+    "flex_softmax_attention",
+    "seglu_score_mod",
+    "FlexCompileError",
+]
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -132,3 +138,17 @@ def flex_multimax_attention(
         _BROKEN.append(f"{type(error).__name__}: {error}")
         raise FlexCompileError(f"compiled FlexAttention failed: {type(error).__name__}: {error}") from error
     return out.transpose(1, 2).contiguous()
+
+
+def flex_softmax_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float, is_causal: bool = False
+) -> torch.Tensor:
+    """Plain SoftMax attention through the same compiled FlexAttention and causal block mask as
+    :func:`flex_multimax_attention`, without a ``score_mod``: what σ costs in FlexAttention is the difference (the GPU
+    benchmark's baseline). Returns (batch, heads, q_len, v_dim), FlexAttention's layout."""
+    if not _HAS_FLEX:
+        raise RuntimeError("FlexAttention needs torch >= 2.5")
+    block_mask = _causal_block_mask(query.shape[2], key.shape[2], query.device) if is_causal else None
+    return _compiled_flex()(
+        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+    )
