@@ -177,24 +177,30 @@ def expected_backend(device: str, order: int) -> str:
     return "cpu" if order <= cpu.MAX_ORDER and cpu.cpu_kernel_available() else "torch"
 
 
+def backend_mismatch(seen: list, expected: str) -> str | None:
+    """Why the attention calls ``seen`` (:func:`hf_multimax.kernels.record_backends`) are not all computed by the
+    ``expected`` backend ("ran on [...]", with the first fallback's reason), or ``None`` when they are. No call at
+    all is a mismatch too: the timed code did not reach the kernels."""
+    wrong = [call for call in seen if call.backend != expected]
+    if seen and not wrong:
+        return None
+    ran = sorted({call.backend for call in seen}) or "no MultiMax kernel"
+    why = next((call.fallback for call in wrong if call.fallback), None)
+    return f"ran on {ran}, not on the {expected!r} kernel" + (f" (fell back: {why})" if why else "")
+
+
 def on_backend(run: Callable[[], object], expected: str, label: str) -> Callable[[], object]:
     """``run`` that exits the benchmark (``SystemExit``: a message, exit code 1) when an attention call inside it was
-    not computed by the ``expected`` backend (:func:`hf_multimax.kernels.record_backends`), or when none was made: a
-    timing of a fallback must never pass for one of the kernel."""
+    not computed by the ``expected`` backend, or when none was made: a timing of a fallback must never pass for one of
+    the kernel."""
     from hf_multimax.kernels import record_backends
 
     def checked():
         with record_backends() as seen:
             result = run()
-        wrong = [call for call in seen if call.backend != expected]
-        if wrong or not seen:
-            ran = sorted({call.backend for call in seen}) or "no MultiMax kernel"
-            why = next((call.fallback for call in wrong if call.fallback), None)
-            raise SystemExit(
-                f"error: {label} was to be timed on the {expected!r} kernel but ran on {ran}"
-                + (f" (fell back: {why})" if why else "")
-                + "; refusing to report its times"
-            )
+        mismatch = backend_mismatch(seen, expected)
+        if mismatch:
+            raise SystemExit(f"error: {label} {mismatch}; refusing to report its times")
         return result
 
     return checked

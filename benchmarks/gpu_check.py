@@ -308,18 +308,16 @@ def error_text(error: BaseException, limit: int = 400) -> str:
 def expect_triton(entry: dict) -> Iterator[None]:
     """Record which backends the attention calls inside ran on into ``entry["backends"]``; a call that did not run on
     the Triton kernel marks the entry failed (the timing would not be of the kernel it claims)."""
+    from common import backend_mismatch
+
     from hf_multimax.kernels import record_backends
 
     with record_backends() as seen:
         yield
     entry["backends"] = sorted({call.backend for call in seen})
-    wrong = [call for call in seen if call.backend != "triton"]
-    if not seen or wrong:
-        why = wrong[0].fallback if wrong else None
-        entry["status"] = "failed"
-        entry["error"] = f"multimax ran on {entry['backends'] or 'no kernel'}, not on the Triton kernel" + (
-            f" ({why})" if why else ""
-        )
+    mismatch = backend_mismatch(seen, "triton")
+    if mismatch:
+        entry.update(status="failed", error=f"multimax {mismatch}")
 
 
 def cleanup(ctx: Context) -> None:
