@@ -25,15 +25,24 @@ Parts (``--part``, run in this order with ``all``: what is least known first):
   ``tests/unit/test_kernels.py``, and the GPU-gated FSDP tests when there is more than one GPU; with pytest-xdist
   when it is installed.
 
-Predicted time on one H200 (the GPU machine's image: torch 2.11, triton 3.6), each part its own process: correctness
-~2 min (about 60 kernel variants to compile, ~5 s each for bf16/fp16 and 20-60 s for fp32, over 8 workers);
-attention ~5 min (the matrix-product rate, ~10 s; 96 multimax/SDPA timings of ~0.5 s with warm-up and memory; 4
-multimax variants to compile; 32 FlexAttention compilations of ~5-15 s each, the bulk); end_to_end ~3 min (two 1.1B
-models and their AdamW states, ~20 s; 2 × 7 training steps of ~0.3 s; 2 × 2 caches × (warm-up + 2 × (prefill-only +
-full generate of ~6 s)) ~80 s; the output layer, ~15 s); tests ~3 min (every variant of the interpreter tests
-compiled, float64 ones included, over 8 xdist workers). Every part stops starting new work when ``--budget`` seconds
-(default 420) are spent and records what it skipped, so no part runs past 8 minutes; parts of one command share the
-output folder. Fits the GPU machine as two commands: ``correctness attention`` (~7 min) and ``end_to_end tests``.
+Predicted time on one H200 (the GPU machine's image: torch 2.11, triton 3.6), each part its own process, from
+compile times measured for sm_90 on a CPU (``triton_kernel.compile_offline``: 3-9 s for the three kernels of a
+bf16/fp16 variant, ~20 s for fp32 at head dimension 64, ~60 s at 128) and the H200's measured rates (~790 TFLOP/s
+bf16, 4.3 TB/s):
+
+* correctness ~2 min: 21 cases, about 60 kernel variants to compile (~4 min of compiling) over 8 workers, the
+  fp32 head-dimension-128 case (~60 s) first; the float64 references are small (L ≤ 1000).
+* attention ~5-7 min: the matmul rate ~10 s; 96 multimax/SDPA entries of ~0.3-1 s each (warm-up, ≥ 3 timed calls
+  or 0.25 s, one call for memory) ~1.5 min, with 4 multimax variants to compile (~25 s); then 32 FlexAttention
+  entries, each compiling anew (~5-20 s), ~5 min: the budget cuts the last ones (recorded as skipped).
+* end_to_end ~3 min: two 1.1B models with their AdamW states (~20 GB), 2 × 7 training steps of ~0.3 s; 2 models ×
+  2 caches × (warm-up, 2 prefills, 2 full generates of ~6-8 s: 256 eager decode steps) ~1.5 min; the output layer
+  ~15 s.
+* tests ~3 min: every variant of the interpreter tests compiled (float64 ones included) over 8 xdist workers.
+
+Every part starts no new work once ``--budget`` seconds (default 420) are spent and records what it skipped, so none
+runs past ~8 minutes. Two commands on the GPU machine: ``correctness attention`` (~9 min, bounded by the wrapper's
+``GPU_CHECK_SECONDS``) and ``end_to_end tests`` (~6 min).
 
     bash benchmarks/gpu_check.sh correctness attention       # on the GPU machine: install, run, results in $OUT
     python benchmarks/gpu_check.py --part correctness --output_dir /tmp/gpu
@@ -285,18 +294,32 @@ def time_call(ctx: Context, fn: Callable[[], object], warmup: int = 1, reps: int
     return statistics.median(samples)
 
 
-def peak_mib(ctx: Context, fn: Callable[[], object]) -> float | None:
-    """Peak CUDA memory (MiB) that one ``fn()`` allocates above what is allocated before it; ``None`` on the CPU."""
+@contextlib.contextmanager
+def peak_during(ctx: Context) -> Iterator[dict]:
+    """``{"mib": ...}`` after the block: the peak CUDA memory (MiB) allocated inside it above what was allocated
+    before it; ``None`` on the CPU."""
+    found: dict = {"mib": None}
     if not ctx.cuda:
-        return None
+        yield found
+        return
     import torch
 
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fn()
+    yield found
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    found["mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def peak_mib(ctx: Context, fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory (MiB) that one ``fn()`` allocates above what is allocated before it; ``None`` on the CPU
+    (where ``fn`` is not called)."""
+    if not ctx.cuda:
+        return None
+    with peak_during(ctx) as peak:
+        fn()
+    return peak["mib"]
 
 
 def error_text(error: BaseException, limit: int = 400) -> str:
@@ -584,22 +607,21 @@ def _attention_inputs(ctx: Context, seq: int, head_dim: int, grad: bool) -> dict
 
     batch = max(1, ctx.sizes.attention_tokens // seq)
     heads = max(1, ctx.sizes.attention_hidden // head_dim)
-    gen = torch.Generator().manual_seed(seq + head_dim)
     dtype, device = torch.bfloat16, torch.device(ctx.device)
+    gen = torch.Generator(device).manual_seed(seq + head_dim)  # drawn where they live: 100M values per tensor at 32k
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
+    def randn(*shape, grad: bool = grad):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).requires_grad_(grad)
 
-    ranges, ts = (
-        t.to(device=device, dtype=dtype).requires_grad_(grad) for t in trained_looking_parameters(2, None, gen)
-    )
+    params = trained_looking_parameters(2, None, torch.Generator().manual_seed(seq))
+    ranges, ts = (t.to(device=device, dtype=dtype).requires_grad_(grad) for t in params)
     return dict(
         q=randn(batch, heads, seq, head_dim),
         k=randn(batch, heads, seq, head_dim),
         v=randn(batch, heads, seq, head_dim),
         ranges=ranges,
         ts=ts,
-        grad_out=torch.randn(batch, seq, heads, head_dim, generator=gen).to(device=device, dtype=dtype),
+        grad_out=randn(batch, seq, heads, head_dim, grad=False),
         batch=batch,
         heads=heads,
     )
@@ -779,8 +801,9 @@ def _generate(ctx: Context, impls: tuple[str, ...]) -> list[dict]:
                 with _guarded(impl, entry):
                     generate(2)  # warm-up: every kernel variant of prefill and decode compiled
                     prefill = time_call(ctx, lambda: generate(1), warmup=0, reps=ctx.sizes.generate_repeats)
-                    full = time_call(ctx, lambda: generate(new), warmup=0, reps=ctx.sizes.generate_repeats)
-                    entry["peak_mib"] = peak_mib(ctx, lambda: generate(new))
+                    with peak_during(ctx) as peak:
+                        full = time_call(ctx, lambda: generate(new), warmup=0, reps=ctx.sizes.generate_repeats)
+                entry["peak_mib"] = peak["mib"]
                 entry.update(
                     prefill_ms=prefill * 1000,
                     total_ms=full * 1000,
@@ -1008,7 +1031,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Parts: correctness, attention, end_to_end, tests (see the module docstring for what each measures).",
+        epilog="parts, in this order: correctness, attention, end_to_end, tests (each <= --budget s; the module\n"
+        "docstring says what each measures and how long it takes on an H200)\n\n"
+        "examples:\n" + __doc__[__doc__.index("    bash benchmarks/gpu_check.sh") : __doc__.index("\n\nWrites")],
     )
     parser.add_argument(
         "--part",

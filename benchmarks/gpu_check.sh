@@ -3,7 +3,7 @@
 # torch, triton, transformers and no package registry), then run each part of benchmarks/gpu_check.py in its own
 # process, all writing to $OUT (gpu_check.json/.md/.png, this log as gpu_check.log); the short table comes last.
 #
-#   bash benchmarks/gpu_check.sh correctness attention   # one command (~7 min on an H200)
+#   bash benchmarks/gpu_check.sh correctness attention   # one command (~9 min on an H200)
 #   bash benchmarks/gpu_check.sh end_to_end tests        # the other (~6 min)
 #   bash benchmarks/gpu_check.sh                         # all four parts (longer than one 10-minute command)
 #   OUT=/tmp/dry bash benchmarks/gpu_check.sh --dry-run  # the same on a CPU, tiny sizes, Triton's interpreter
