@@ -17,6 +17,10 @@ What :func:`register` does (the list :data:`HOOKS` and :func:`register` are the 
 * ``PreTrainedModel._initialize_weights``: initialises those parameter modules (models' own ``_init_weights`` do not
   know them); ``_adjust_missing_and_unexpected_keys``: refuses checkpoint parameters of the wrong shape and warns
   when a checkpoint's MultiMax parameters would be dropped.
+* ``PreTrainedModel.save_pretrained``: ``config.json`` records ``"attn_implementation": "multimax"`` for a model
+  that runs MultiMax. Transformers itself reads that field back into ``config._attn_implementation``, so the folder
+  loads as MultiMax by default, and an ``attn_implementation=`` passed to ``from_pretrained`` still wins (see
+  :func:`recorded_implementation`; plain Transformers refuses the folder instead of silently running SoftMax).
 
 Nothing else is changed: ``transformers.Trainer`` is left alone (see :mod:`hf_multimax.integrations.trainer`).
 Each patched method's signature is checked first (:func:`check_compatibility`); one that changed in a Transformers
@@ -29,6 +33,7 @@ code at module level for that reason.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import inspect
@@ -53,6 +58,7 @@ __all__ = [
     "check_compatibility",
     "register_attention",
     "register_comparators",
+    "recorded_implementation",
 ]
 
 MODELING_MODULE = "transformers.modeling_utils"
@@ -146,6 +152,15 @@ def _wrap_adjust_keys(original):
     return _adjust_missing_and_unexpected_keys
 
 
+def _wrap_save_pretrained(original):
+    @_wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        with recording_implementation(self.config):
+            return original(self, save_directory, *args, **kwargs)
+
+    return save_pretrained
+
+
 #: Everything patched on Transformers' classes (the config properties and interface registrations aside).
 HOOKS: tuple[Hook, ...] = (
     Hook(
@@ -175,6 +190,13 @@ HOOKS: tuple[Hook, ...] = (
         ("self", "loading_info"),
         _wrap_adjust_keys,
         "checkpoints with MultiMax parameters of the wrong shape or loaded without MultiMax are not reported",
+    ),
+    Hook(
+        "PreTrainedModel",
+        "save_pretrained",
+        ("self", "save_directory"),
+        _wrap_save_pretrained,
+        "saved MultiMax models do not record attn_implementation in config.json and load as SoftMax by default",
     ),
 )
 
@@ -248,6 +270,45 @@ def check_loaded_parameters(model, loading_info) -> None:
         logger.warning(
             "Learned attention parameters in the checkpoint were dropped: %d keys, e.g. %s", len(dropped), dropped[0]
         )
+
+
+#: The ``config.json`` field Transformers reads into ``config._attn_implementation`` (``PreTrainedConfig.__init__``).
+RECORDED_FIELD = "attn_implementation"
+
+
+def recorded_implementation(config) -> str | None:
+    """The implementation ``save_pretrained`` records in ``config.json`` for a model built on ``config``: MultiMax's
+    (under its default name, ``"multimax"`` for ``"multimax_eager"`` too), else ``None``.
+
+    Why: MultiMax is part of the function a checkpoint computes, not a choice of kernel, and Transformers users expect
+    ``from_pretrained(folder)`` to return the model that was saved. Transformers does not write the attention
+    implementation to ``config.json`` (its own ones compute the same function), but it honours the field when it is
+    there, below an ``attn_implementation=`` passed explicitly. So a MultiMax folder loads as MultiMax after
+    ``import hf_multimax``, ``attn_implementation="sdpa"`` still loads SoftMax (with the :class:`MultiMaxWarning` on
+    the dropped parameters), and plain Transformers refuses it loudly rather than dropping the learned parameters.
+    Only MultiMax is recorded: the comparators are registered on request, and a recorded name that is not
+    registered would stop even ``import hf_multimax`` users from loading.
+    """
+    from .. import registry
+
+    name = config._attn_implementation
+    if registry.parametric(name) is not registry.MULTIMAX_PARAMETERS:
+        return None
+    return next((other for other, impl in registry.IMPLEMENTATIONS.items() if impl.weights_twin == name), name)
+
+
+@contextlib.contextmanager
+def recording_implementation(config):
+    """While ``config`` is saved, its ``config.json`` carries :func:`recorded_implementation` (when there is one)."""
+    name = recorded_implementation(config)
+    record = name is not None and RECORDED_FIELD not in config.__dict__
+    if record:
+        config.__dict__[RECORDED_FIELD] = name  # serialised by PreTrainedConfig.to_dict, which copies __dict__
+    try:
+        yield
+    finally:
+        if record:
+            config.__dict__.pop(RECORDED_FIELD, None)
 
 
 #: id(config) -> (parametric implementation, weak references to the models built with it on that config object).
