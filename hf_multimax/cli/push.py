@@ -1,5 +1,5 @@
-"""``hf-multimax push MODEL_DIR REPO_ID``: a saved model or adapter folder to the Hub with its model card (see
-:func:`hf_multimax.hub.push_to_hub`)."""
+"""``hf-multimax push MODEL_DIR REPO_ID``: a saved model or adapter folder to the Hub with its model card, and with
+``--remote-code`` the file that loads it without hf-multimax (see :func:`hf_multimax.hub.push_to_hub`)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dataset_type, dataset_name, dataset_split) or a list of EvalResult fields; inline or a path to a .json file",
     )
     parser.add_argument("--card-template", metavar="PATH", help="Jinja model card template (default: the packaged one)")
+    parser.add_argument(
+        "--remote-code",
+        "--remote_code",
+        action="store_true",
+        help="also upload modeling_multimax.py and config.json auto_map entries, so that the model loads with "
+        "from_pretrained(..., trust_remote_code=True) or pipeline(..., trust_remote_code=True) where hf-multimax is "
+        "not installed (full models only; off by default: loaders then run code from your repository, see "
+        "docs/hub.md)",
+    )
 
 
 def parse_eval_results(text: str | None) -> Any:
@@ -74,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             pipeline_tag=args.pipeline_tag,
             license=args.license,
             card_template=args.card_template,
+            remote_code=args.remote_code,
         )
     except HubPushError as err:  # the folder is written and kept; the message says where
         print(f"hf-multimax push: error: {err}", file=sys.stderr)

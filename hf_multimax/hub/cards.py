@@ -9,6 +9,7 @@ so that a non-editable install has it too.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +24,9 @@ from torch import nn
 from .._version import __version__
 from ..checkpoint import Checkpoint, read_checkpoint
 from ..config import FLAG_DEFAULTS
+from ..extras import require
 from ..modeling import SEGLU_ATTRIBUTE, SegLU
+from .remote_code import CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +149,30 @@ def parameter_rows(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     return rows
 
 
+def recorded_implementation(folder: Path) -> str | None:
+    """The ``attn_implementation`` a full model's ``config.json`` records (Transformers loads it unless the caller
+    asks for another), or ``None``."""
+    path = folder / "config.json"
+    value = json.loads(path.read_text()).get("attn_implementation") if path.is_file() else None
+    return value if isinstance(value, str) else None
+
+
+def remote_code_info(folder: Path, pipeline_tag: str | None) -> dict[str, Any]:
+    """What the card says about the folder's remote code: its file, versions and Auto classes, and the pipeline task
+    to show (``None`` when Transformers has no pipeline for ``pipeline_tag``)."""
+    from transformers.pipelines import get_supported_tasks
+
+    config = json.loads((folder / "config.json").read_text())
+    record = config.get(CONFIG_KEY) or {}
+    return {
+        "file": record.get("file"),
+        "format": record.get("format"),
+        "hf_multimax_version": record.get("hf_multimax_version"),
+        "auto_classes": sorted(config.get("auto_map") or {}),
+        "pipeline_task": pipeline_tag if pipeline_tag in get_supported_tasks() else None,
+    }
+
+
 def write_model_card(
     folder: str | Path,
     repo_id: str,
@@ -158,6 +185,7 @@ def write_model_card(
     license: str | None = "apache-2.0",
     template_path: str | Path | None = None,
     extra_tags: Iterable[str] = (),
+    remote_code: bool = False,
 ) -> ModelCard:
     """Write ``README.md`` (and the σ plot, ``multimax_sigma.png``) into a saved model or adapter folder.
 
@@ -171,7 +199,10 @@ def write_model_card(
         pipeline_tag, license: card metadata.
         template_path: a Jinja template (default: :func:`default_template_path`).
         extra_tags: tags added to ``multimax`` / ``hf-multimax``.
+        remote_code: the folder holds ``modeling_multimax.py`` (:mod:`.remote_code`): the card shows how to load it
+            with ``trust_remote_code=True`` and tags it ``custom_code``, as the Hub does for such repositories.
     """
+    require("hub", "hf_multimax.hub.write_model_card")
     from ..analysis.plots import plot_modulators
 
     folder = Path(folder)
@@ -193,6 +224,8 @@ def write_model_card(
         tags += ["peft"] + ([summary.peft_type.lower()] if summary.peft_type else [])
     if summary.model_type:
         tags.append(summary.model_type)
+    if remote_code:
+        tags.append("custom_code")
     tags += [tag for tag in extra_tags if tag not in tags]
     multimax_meta = {key.removeprefix("multimax_"): value for key, value in summary.flags.items()}
     card_data = ModelCardData(
@@ -232,6 +265,8 @@ def write_model_card(
             for r in card_data.eval_results or []
         ],
         hf_multimax_version=__version__,
+        recorded_implementation=recorded_implementation(folder),
+        remote_code=remote_code_info(folder, pipeline_tag) if remote_code else None,
     )
     card = ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # template conditionals leave runs of blank lines
     card.save(folder / "README.md")

@@ -3,8 +3,10 @@
 A push first writes, and keeps, the exact folder that is uploaded: the weights (safetensors), ``config.json`` with
 the ``multimax_*`` flags (or, for a PEFT run, ``adapter_config.json`` + ``adapter_model.safetensors`` with the
 MultiMax parameters saved through ``modules_to_save``), the tokenizer / image processor, a model card
-(``README.md``, rendered from ``hf_multimax/model_cards/multimax_model_card.md``) and the plot of every layer's
-learned σ (``multimax_sigma.png``). Only then does it talk to the Hub (``create_repo``, ``create_branch`` for a new
+(``README.md``, rendered from ``model_cards/multimax_model_card.md``) and the plot of every layer's learned σ
+(``multimax_sigma.png``); with ``remote_code=True`` also ``modeling_multimax.py`` and ``config.json``'s ``auto_map``
+(:mod:`.remote_code`), so that the model loads with ``trust_remote_code=True`` where hf-multimax is not installed.
+Only then does it talk to the Hub (``create_repo``, ``create_branch`` for a new
 ``revision``, ``upload_folder``: one commit). Every failure after the folder is written raises one
 :class:`HubPushError` that says what went wrong and where the folder is.
 """
@@ -32,8 +34,17 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_session, validate_repo_id
 
 from ..checkpoint import read_checkpoint
+from ..extras import require
 from ..integrations.peft import is_peft_model
 from .cards import CARD_TAG, PLOT_FILENAME, build_eval_results, write_model_card
+from .remote_code import (
+    RemoteCodePlan,
+    adapter_refusal,
+    check_remote_code,
+    folder_plan,
+    model_plan,
+    write_remote_code,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -378,6 +389,29 @@ def upload(
     return str(repo_url), getattr(commit, "commit_url", None)
 
 
+def remote_code_plan(model_or_dir: Any, *, remote_code: bool, merge_adapter: bool) -> RemoteCodePlan | None:
+    """What ``remote_code=True`` will write, checked before anything is written (``None`` without remote code). A
+    folder pushed without remote code must not name remote code of hf-multimax that is missing or of another
+    version."""
+    if not isinstance(remote_code, bool):
+        raise TypeError(f"remote_code must be True or False, got {remote_code!r}")
+    is_folder = isinstance(model_or_dir, (str, os.PathLike))
+    if not remote_code:
+        if is_folder and Path(model_or_dir).is_dir():
+            check_remote_code(Path(model_or_dir))
+        return None
+    if is_folder:
+        source = Path(model_or_dir)
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source} is not a folder: pass a model, or a folder written by save_pretrained")
+        return folder_plan(source)
+    if is_peft_model(model_or_dir) and not merge_adapter:
+        raise ValueError(adapter_refusal())
+    if not hasattr(model_or_dir, "config"):
+        return None  # not a model: write_push_folder says what push_to_hub takes
+    return model_plan(model_or_dir)
+
+
 def push_to_hub(
     model_or_dir: Any,
     repo_id: str,
@@ -397,6 +431,7 @@ def push_to_hub(
     pipeline_tag: str | None = None,
     license: str | None = "apache-2.0",
     merge_adapter: bool = False,
+    remote_code: bool = False,
     card_template: str | os.PathLike | None = None,
     api: HfApi | None = None,
     connect_timeout: float | None = 10.0,
@@ -423,7 +458,11 @@ def push_to_hub(
             dict, or ``EvalResult`` objects / dicts (see :func:`hf_multimax.hub.cards.build_eval_results`).
         merge_adapter: for a ``PeftModel``, push the merged full model (``merge_and_unload`` on a copy) instead
             of the adapter.
-        card_template: a Jinja card template instead of ``hf_multimax/model_cards/multimax_model_card.md``.
+        remote_code: also write ``modeling_multimax.py`` and ``config.json``'s ``auto_map``, so that
+            ``from_pretrained(..., trust_remote_code=True)`` and ``pipeline(..., trust_remote_code=True)`` load the
+            model where hf-multimax is not installed (full MultiMax models of Transformers' own classes; not PEFT
+            adapters). Off by default: it puts code that loaders run under your name (see ``docs/hub.md``).
+        card_template: a Jinja card template instead of ``model_cards/multimax_model_card.md``.
         api: the ``huggingface_hub.HfApi`` to call (default ``HfApi()``; its ``endpoint`` is used).
         connect_timeout: seconds to wait for the Hub to answer before uploading (``None``: no check).
 
@@ -433,9 +472,13 @@ def push_to_hub(
     Raises:
         HubPushError: no token, no network, an existing repository with ``exist_ok=False``, a rejected request;
             raised after the folder is written, whose path the message gives.
-        ValueError / TypeError / FileNotFoundError: bad arguments (before anything is written).
+        ValueError / TypeError / FileNotFoundError: bad arguments, or a model the remote code cannot serve (before
+            anything is written).
+        MissingExtraError: jinja2 or matplotlib is missing (``pip install 'hf-multimax[hub]'``).
     """
+    require("hub", "hf_multimax.hub.push_to_hub")
     validate_repo_id(repo_id)
+    plan = remote_code_plan(model_or_dir, remote_code=remote_code, merge_adapter=merge_adapter)
     build_eval_results(  # fail on bad metadata before writing anything
         eval_results,
         model_name=repo_id,
@@ -451,6 +494,8 @@ def push_to_hub(
         base_model=base_model,
         merge_adapter=merge_adapter,
     )
+    if plan is not None:
+        write_remote_code(local_dir, plan)
     summary = read_checkpoint(local_dir, base_config=base_config, architecture=architecture)
     write_model_card(
         local_dir,
@@ -462,6 +507,7 @@ def push_to_hub(
         pipeline_tag=pipeline_tag,
         license=license,
         template_path=card_template,
+        remote_code=plan is not None,
     )
     files = tuple(sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file()))
     if dry_run:

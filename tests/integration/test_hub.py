@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
+from hub_helpers import WORDS, tiny_tokenizer
 from huggingface_hub import EvalResult, HfApi, ModelCard
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import hf_raise_for_status
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -37,7 +37,6 @@ from hf_multimax.hub import HubPushError, push_to_hub
 
 REPO = "someone/tiny-multimax"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-WORDS = ["[PAD]", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 
 
 def randomise_multimax(model: torch.nn.Module, seed: int = 0) -> None:
@@ -70,9 +69,7 @@ def tiny_llama(**flags) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +127,9 @@ def test_dry_run_writes_exactly_the_upload_folder(pushed):
         "multimax_per_head": False,
         "multimax_output": False,
     }
+    # Recorded by save_pretrained (Transformers reads it back); without remote_code, no auto_map and no code.
+    assert config["attn_implementation"] == "multimax"
+    assert "auto_map" not in config and "multimax_remote_code" not in config
 
 
 def test_card_metadata_parses_back(pushed, llama):
@@ -153,7 +153,10 @@ def test_card_text_usage_table_and_plot(pushed, llama):
     assert "pip install hf-multimax" in text and "import hf_multimax" in text
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", attn_implementation="multimax")' in text
     assert f'AutoTokenizer.from_pretrained("{REPO}")' in text
-    assert "MultiMaxWarning" in text
+    assert "### With hf-multimax" in text and "### With remote code" not in text  # pushed without remote_code
+    assert "this repository has no remote code" in text
+    assert 'records `"attn_implementation": "multimax"`' in text
+    assert 'Plain Transformers refuses this checkpoint (`Specified attn_implementation="multimax"' in text
     assert "](multimax_sigma.png)" in text
     for name, seglu in hf_multimax.multimax_modules(llama).items():
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name.removesuffix('.multimax')}` |"))
