@@ -39,9 +39,9 @@ of the H200's ~790 TFLOP/s bf16 dense (237-316 TFLOP/s) that is 18-24 ms per ste
 evaluations of 2^20 tokens add ~4%; MultiMax's σ adds ~15 FLOPs per score (negligible) and whatever its kernel costs
 over FlashAttention on the attention's small share. Building the corpus (~250 MB read, a tokenizer trained on 64 MB,
 everything encoded on 16 cores) takes about a minute. So a seed pair takes ~2-2.5 minutes at that utilisation and
-``--seeds 3 --time_budget 480`` fits three pairs in a 9-minute command; a 35M-parameter model at 512 wide is likely
-to run below 30% (kernel launches, the float32 cross-entropy over 16,384 logits), in which case the budget stops
-after one or two pairs and ``--resume`` adds the rest in a later window.
+``--time_budget 480`` fits two (30%) or three (40%) pairs in a 9-minute command; a 35M-parameter model at 512 wide
+may well run nearer 20-25% (kernel launches, the float32 cross-entropy over 16,384 logits: ~90 s per run), in which
+case the budget stops after one or two pairs and ``--resume`` adds the rest in a later window.
 
 Outputs in ``--output_dir`` (7 files): ``results.json`` (``hf-multimax compare``'s contract: ``runs``, ``summary``,
 ``versus_baseline``, ``settings``, ``machine``, ... plus ``corpus`` and ``tokenizer``; written after every run),
@@ -127,6 +127,35 @@ DRY_RUN: dict[str, Any] = {
     "eval_tokens": 8192,
     "analysis_blocks": 2,
 }
+
+
+# -- hf_multimax.compare on the GPU image --------------------------------------------------------------------------
+
+
+def import_compare_without_train_extra() -> bool:
+    """Make ``hf_multimax.compare``'s modules importable where the ``train`` extra is missing; whether that was
+    needed.
+
+    This script reuses ``compare``'s runner helpers, statistics, tables and figures, none of which needs the ``train``
+    extra (``datasets``, ``evaluate``, ``sacrebleu``; the fine-tuning code they import loads ``datasets`` only when it
+    trains). But the package's ``__init__`` refuses to import without it, and the GPU image has none of the three.
+    Where they are missing, the package is registered without running its ``__init__``, so its submodules import as
+    usual. To be removed once that check moves from the package's import into ``compare()`` (the command line already
+    checks its own extras).
+    """
+    import types
+
+    from hf_multimax.extras import EXTRAS, missing
+
+    name = "hf_multimax.compare"
+    if name in sys.modules or not missing(EXTRAS["train"]):
+        return False
+    package = types.ModuleType(name, "hf_multimax.compare, registered without its extras check (see lm_scale.py)")
+    package.__path__ = [str(Path(importlib.util.find_spec("hf_multimax").origin).parent / "compare")]
+    package.__package__ = name
+    sys.modules[name] = package
+    logger.info("hf_multimax.compare: the train extra is not installed; using its modules without it")
+    return True
 
 
 # -- arguments --------------------------------------------------------------------------------------------------------
@@ -266,6 +295,7 @@ def _compare_defaults() -> dict[str, Any]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The arguments, with :data:`DRY_RUN`'s sizes under ``--dry-run``; ``ValueError`` naming the flag for a value
     out of range."""
+    import_compare_without_train_extra()
     parser = build_parser()
     if parser.parse_known_args(argv)[0].dry_run:
         parser.set_defaults(**DRY_RUN)
@@ -801,10 +831,10 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    args = parse_args(argv)
     output_dir = Path(args.output_dir)
     if args.report_only:
         from hf_multimax.compare.runner import read_results

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +21,21 @@ from hf_multimax.cli import run_script
 from hf_multimax.compare.report import format_table
 from hf_multimax.data.python_corpus import PYTHON_SOURCES, CorpusSource, build_python_corpus, sources_named
 
-lm_scale = load_module(EXAMPLES / "recipes" / "lm_scale.py")
+SCRIPT = EXAMPLES / "recipes" / "lm_scale.py"
+lm_scale = load_module(SCRIPT)
+#: What the GPU machine's image does not have (issue 23): the script must run without them.
+NOT_ON_THE_GPU_IMAGE = ("datasets", "evaluate", "sacrebleu", "entmax")
+#: Runs the script with those packages unimportable (``python -c BLOCKED_RUN ARGS...``).
+BLOCKED_RUN = f"""
+import importlib.abc, runpy, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {NOT_ON_THE_GPU_IMAGE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, Absent())
+sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]
+runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+"""
 #: Every output a run leaves (the $OUT of a GPU command takes at most 8 files).
 OUTPUTS = {
     "results.json",
@@ -165,6 +182,24 @@ def test_a_spent_time_budget_runs_nothing_and_says_which_seeds_are_left(tmp_path
     results = results_of(folder)
     assert results["runs"] == [] and results["not_run"] == [0, 1]
     assert "no run finished" in (folder / "results.md").read_text()
+
+
+def test_it_runs_with_only_the_packages_of_the_gpu_image(tmp_path):
+    folder = tmp_path / "out"
+    argv = ["--dry-run", "--output_dir", str(folder), "--tokens", "12800", "--evals", "1", "--no_analysis"]
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED_RUN, *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the train extra is not installed" in done.stderr  # the blocker took effect
+    results = results_of(folder)
+    assert [run.get("error") for run in results["runs"]] == [None, None]
+    assert results["versus_baseline"]["multimax"]["eval_loss"]["n"] == 1  # compare's statistics ran there too
+    assert {path.name for path in folder.iterdir()} == OUTPUTS
 
 
 @pytest.mark.parametrize(
