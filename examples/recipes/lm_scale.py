@@ -627,6 +627,7 @@ def train_run(
 
     from hf_multimax import clip_grad_norm_, multimax_parameter_groups
     from hf_multimax.compare.runner import training_failure, uses_multimax
+    from hf_multimax.kernels import record_backends
 
     training, multimax = settings["training"], settings["multimax"]
     steps, batch, context = settings["max_train_steps"], training["batch_size"], settings["model"]["context"]
@@ -676,52 +677,55 @@ def train_run(
     loop_started = time.perf_counter()
     step, checked, failure, failed_step = 0, 0, None, None
     steady: tuple[int, float, float] | None = None  # where the steady-state pace is measured from
-    try:
-        run_eval(0)
-        last = (0, time.perf_counter(), timer["eval"])
-        while step < steps:
-            chunk = train_ids[offsets[step, :, None] + window].long()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = step_model(input_ids=chunk[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
-            loss.backward()
-            if training["max_grad_norm"] > 0:
-                clip_grad_norm_(model, training["max_grad_norm"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses[step] = loss.detach()
-            step += 1
-            if step % CHECK_EVERY and step not in eval_steps and step < steps:
-                continue
-            fetched = losses[checked:step].tolist()  # the only synchronisation between checks
-            bad = next((i for i, value in enumerate(fetched) if not math.isfinite(value)), None)
-            if bad is not None:
-                failed_step = checked + bad + 1
-                failure = f"non-finite training loss ({fetched[bad]}) at step {failed_step}"
-                break
-            checked = step
-            progress.update(step - progress.n)
-            progress.set_postfix_str(f"loss {fetched[-1]:.3f}")
-            if step in eval_steps:
-                run_eval(step)
-            if deadline is not None and step >= 2 * CHECK_EVERY and step < steps:
-                end = projected_end(step, last)
-                if end > deadline:
-                    failed_step = step
-                    failure = (
-                        f"stopped at step {step} of {steps}: projected to end {end - deadline:.0f} s past --time_budget"
-                    )
+    # every MultiMax attention forward and backward: the backend that computed it, and why, if it fell back
+    with record_backends() as calls:
+        try:
+            run_eval(0)
+            last = (0, time.perf_counter(), timer["eval"])
+            while step < steps:
+                chunk = train_ids[offsets[step, :, None] + window].long()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = step_model(input_ids=chunk[:, :-1], use_cache=False).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
+                loss.backward()
+                if training["max_grad_norm"] > 0:
+                    clip_grad_norm_(model, training["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses[step] = loss.detach()
+                step += 1
+                if step % CHECK_EVERY and step not in eval_steps and step < steps:
+                    continue
+                fetched = losses[checked:step].tolist()  # the only synchronisation between checks
+                bad = next((i for i, value in enumerate(fetched) if not math.isfinite(value)), None)
+                if bad is not None:
+                    failed_step = checked + bad + 1
+                    failure = f"non-finite training loss ({fetched[bad]}) at step {failed_step}"
                     break
-            last = (step, time.perf_counter(), timer["eval"])
-            if steady is None and step >= max(CHECK_EVERY, steps // 10):
-                steady = last
-    except Exception as error:  # one run failing must not stop the others
-        logger.error("%s seed %d failed: %s: %s", implementation, seed, type(error).__name__, error, exc_info=True)
-        failure = f"{type(error).__name__}: {error}"
-    finally:
-        progress.close()
-        logging.getLogger("hf_multimax").removeHandler(warnings)
+                checked = step
+                progress.update(step - progress.n)
+                progress.set_postfix_str(f"loss {fetched[-1]:.3f}")
+                if step in eval_steps:
+                    run_eval(step)
+                if deadline is not None and step >= 2 * CHECK_EVERY and step < steps:
+                    end = projected_end(step, last)
+                    if end > deadline:
+                        failed_step = step
+                        failure = (
+                            f"stopped at step {step} of {steps}: projected to end {end - deadline:.0f} s past "
+                            "--time_budget"
+                        )
+                        break
+                last = (step, time.perf_counter(), timer["eval"])
+                if steady is None and step >= max(CHECK_EVERY, steps // 10):
+                    steady = last
+        except Exception as error:  # one run failing must not stop the others
+            logger.error("%s seed %d failed: %s: %s", implementation, seed, type(error).__name__, error, exc_info=True)
+            failure = f"{type(error).__name__}: {error}"
+        finally:
+            progress.close()
+            logging.getLogger("hf_multimax").removeHandler(warnings)
     _sync(device)
     ended = time.perf_counter()
     train_seconds = ended - loop_started - timer["eval"]
@@ -752,6 +756,14 @@ def train_run(
     }
     if device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if calls:
+        counts: dict[str, int] = {}
+        for call in calls:
+            counts[f"{call.op}:{call.backend}"] = counts.get(f"{call.op}:{call.backend}", 0) + 1
+        record["attention_backends"] = counts
+        fallbacks = sorted({call.fallback for call in calls if call.fallback})
+        if fallbacks:
+            record["attention_fallbacks"] = fallbacks
     if warnings.messages:
         record["warnings"] = warnings.messages
     failure = failure or training_failure(record)
@@ -996,6 +1008,8 @@ def results_markdown(results: Mapping[str, Any], figures: Sequence[str]) -> str:
         for s in corpus["sources"]
     ]
     tables = [format_table(results), format_attention_table(results)] if results["summary"] else ["no run finished"]
+    kernels = sorted({name for run in results["runs"] for name in run.get("attention_backends") or ()})
+    fallbacks = sorted({reason for run in results["runs"] for reason in run.get("attention_fallbacks") or ()})
     lines = [
         "# Does MultiMax help at scale? (examples/recipes/lm_scale.py)",
         "",
@@ -1003,7 +1017,10 @@ def results_markdown(results: Mapping[str, Any], figures: Sequence[str]) -> str:
         "",
         f"Machine: {hardware}, torch {described.get('torch')}, transformers {described.get('transformers')}, triton "
         f"{described.get('triton')}, MultiMax kernel backend `{described.get('multimax_backend')}`; this command "
-        f"took {(results.get('seconds') or 0) / 60:.1f} minutes.",
+        f"took {(results.get('seconds') or 0) / 60:.1f} minutes. MultiMax attention calls ran on: "
+        + (", ".join(kernels) or "none recorded")
+        + (f"; fell back because: {'; '.join(fallbacks)}" if fallbacks else "; no fallback")
+        + ".",
         "",
         f"Model: GPT-2 decoder, {shape['n_layer']} layers, {shape['n_embd']} wide, {shape['n_head']} heads, FFN "
         f"{shape['n_inner']}, context {shape['context']}, vocabulary {results['tokenizer']['vocab_size']:,}. "

@@ -105,6 +105,11 @@ def test_the_dry_run_writes_compare_s_contract(dry_run, capsys):
         assert record["evals"][-1][1] < record["evals"][0][1] - 0.5
     assert results["runs"][0]["evals"][0][1] == pytest.approx(math.log(results["tokenizer"]["vocab_size"]), abs=0.1)
     assert set(results["runs"][1]["modulators"]) and not results["runs"][0]["modulators"]
+    # every MultiMax attention backward of the training steps is recorded with the kernel that computed it
+    backends = results["runs"][1]["attention_backends"]
+    backward = sum(count for name, count in backends.items() if name.startswith("backward:"))
+    assert backward == settings["max_train_steps"] * settings["model"]["n_layer"]
+    assert "attention_backends" not in results["runs"][0]  # sdpa
     assert results["versus_baseline"]["multimax"]["eval_loss"]["n"] == 1
     corpus = results["corpus"]
     assert corpus["sources"][0]["name"] == "stdlib" and corpus["sources"][0]["licence"] == "PSF-2.0"
