@@ -42,6 +42,7 @@ from .remote_code import (
     adapter_refusal,
     check_remote_code,
     folder_plan,
+    has_remote_code,
     model_plan,
     write_remote_code,
 )
@@ -507,7 +508,7 @@ def push_to_hub(
         pipeline_tag=pipeline_tag,
         license=license,
         template_path=card_template,
-        remote_code=plan is not None,
+        remote_code=has_remote_code(local_dir),  # written now, or copied from a folder pushed with it before
     )
     files = tuple(sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file()))
     if dry_run:

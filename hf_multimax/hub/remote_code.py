@@ -43,6 +43,7 @@ __all__ = [
     "plan_remote_code",
     "write_remote_code",
     "check_remote_code",
+    "has_remote_code",
 ]
 
 #: The module the template lives in, inside ``hf_multimax.hub``.
@@ -234,6 +235,13 @@ def check_remote_code(folder: str | Path) -> None:
                 f"{folder}: {file.name} is from hf-multimax {version} (remote-code format {file_format}), but "
                 f"config.json was written for {wanted}; push with remote_code=True to write both again"
             )
+
+
+def has_remote_code(folder: str | Path) -> bool:
+    """Whether a folder holds this package's remote code (the file, and config.json's record of it)."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    return (folder / REMOTE_FILE).is_file() and path.is_file() and CONFIG_KEY in json.loads(path.read_text())
 
 
 def folder_plan(folder: Path) -> RemoteCodePlan:

@@ -250,6 +250,9 @@ def test_missing_or_incompatible_remote_file_is_one_error_naming_file_and_versio
     repaired = push_to_hub(refused["incompatible"], REPO, local_dir=tmp_path / "c", dry_run=True, remote_code=True)
     assert json.loads((repaired.local_dir / "config.json").read_text())["multimax_remote_code"]["format"] == 1
     assert (refused["incompatible"] / REMOTE_FILE).is_file()  # the pushed folder itself is left as it was
+    # a sound remote-code folder pushed again without the flag keeps its code, and its card says so
+    again = push_to_hub(repaired.local_dir, REPO, local_dir=tmp_path / "d", dry_run=True)
+    assert REMOTE_FILE in again.files and "trust_remote_code=True" in ModelCard.load(again.local_dir / "README.md").text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
