@@ -132,32 +132,6 @@ DRY_RUN: dict[str, Any] = {
 # -- hf_multimax.compare on the GPU image --------------------------------------------------------------------------
 
 
-def import_compare_without_train_extra() -> bool:
-    """Make ``hf_multimax.compare``'s modules importable where the ``train`` extra is missing; whether that was
-    needed.
-
-    This script reuses ``compare``'s runner helpers, statistics, tables and figures, none of which needs the ``train``
-    extra (``datasets``, ``evaluate``, ``sacrebleu``; the fine-tuning code they import loads ``datasets`` only when it
-    trains). But the package's ``__init__`` refuses to import without it, and the GPU image has none of the three.
-    Where they are missing, the package is registered without running its ``__init__``, so its submodules import as
-    usual. To be removed once that check moves from the package's import into ``compare()`` (the command line already
-    checks its own extras).
-    """
-    import types
-
-    from hf_multimax.extras import EXTRAS, missing
-
-    name = "hf_multimax.compare"
-    if name in sys.modules or not missing(EXTRAS["train"]):
-        return False
-    package = types.ModuleType(name, "hf_multimax.compare, registered without its extras check (see lm_scale.py)")
-    package.__path__ = [str(Path(importlib.util.find_spec("hf_multimax").origin).parent / "compare")]
-    package.__package__ = name
-    sys.modules[name] = package
-    logger.info("hf_multimax.compare: the train extra is not installed; using its modules without it")
-    return True
-
-
 # -- arguments --------------------------------------------------------------------------------------------------------
 
 
@@ -295,7 +269,6 @@ def _compare_defaults() -> dict[str, Any]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The arguments, with :data:`DRY_RUN`'s sizes under ``--dry-run``; ``ValueError`` naming the flag for a value
     out of range."""
-    import_compare_without_train_extra()
     parser = build_parser()
     if parser.parse_known_args(argv)[0].dry_run:
         parser.set_defaults(**DRY_RUN)

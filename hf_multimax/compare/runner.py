@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import registry
 from ..config import FLAG_DEFAULTS
+from ..extras import require
 from ..finetune import build_parser, make_args, run
 from ..finetune.tasks import Task, get_task
 from ..integrations.transformers import register_named_comparators
@@ -484,6 +485,7 @@ def compare(
     """
     from tqdm.auto import tqdm
 
+    require(("train", "analysis"), "hf_multimax.compare.compare")
     task = get_task(task_name)
     implementations = check_implementations(implementations)
     seeds = resolve_seeds(seed_list=seeds)

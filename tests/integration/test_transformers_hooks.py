@@ -221,6 +221,9 @@ def test_a_changed_signature_is_named_and_left_unpatched():
         def _initialize_weights(self, submodule, is_custom_code=False):  # renamed parameter
             pass
 
+        def save_pretrained(self, save_directory):
+            pass
+
     problems = hooks.check_compatibility({"PreTrainedModel": Changed})
     assert len(problems) == 2
     assert any(

@@ -171,11 +171,19 @@ def test_wrong_parameter_shape_in_checkpoint_is_named(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "mm", attn_implementation="multimax", multimax_order=3)
 
 
-def test_multimax_checkpoint_without_multimax_warns_with_the_fix(tmp_path):
+def test_multimax_checkpoint_loads_as_multimax_and_another_implementation_warns_with_the_fix(tmp_path):
     model = LLAMA.build("multimax")
+    randomize_multimax(model)
     model.save_pretrained(tmp_path / "mm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf_multimax.MultiMaxWarning)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mm")  # config.json records "multimax"
+    assert reloaded.config._attn_implementation == "multimax"
+    for name, seglu in hf_multimax.multimax_modules(model).items():
+        assert torch.equal(hf_multimax.multimax_modules(reloaded)[name].multimax_ts, seglu.multimax_ts)
     with pytest.warns(hf_multimax.MultiMaxWarning, match=r'attn_implementation="multimax"\)` to use them'):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "mm")
+        softmax = AutoModelForCausalLM.from_pretrained(tmp_path / "mm", attn_implementation="sdpa")
+    assert hf_multimax.multimax_modules(softmax) == {}
 
 
 def test_loading_a_softmax_checkpoint_is_quiet(tmp_path):
