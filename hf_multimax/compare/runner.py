@@ -107,7 +107,8 @@ def check_implementations(implementations: Sequence[str]) -> list[str]:
     register_named_comparators(implementations)
     registered = set(AttentionInterface().valid_keys()) | {"eager"}
     unknown = [name for name in implementations if name not in registered]
-    known = sorted(name for name in registered if "|" not in name)  # leave out Transformers' "paged|..." variants
+    # leave out Transformers' "paged|..." variants; the comparators are registered when named
+    known = sorted({name for name in registered if "|" not in name} | set(registry.COMPARATOR_IMPLEMENTATIONS))
     if unknown:
         raise ValueError(f"--implementations: unknown attention implementation(s) {unknown}; known: {known}")
     duplicates = sorted({name for name in implementations if implementations.count(name) > 1})
