@@ -18,9 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_multimax
+from hf_multimax.extras import EXTRAS, missing
 
 REPO = Path(sys.argv[1]).resolve()
-EXTRA_PACKAGES = ("accelerate", "datasets", "evaluate", "peft", "matplotlib", "scipy", "entmax", "sklearn", "triton")
+#: Every extra's modules but jinja2, which torch itself requires.
+EXTRA_MODULES = sorted({module for modules in EXTRAS.values() for module in modules} - {"jinja2"})
 
 
 def check(condition: bool, what: str) -> None:
@@ -30,7 +32,7 @@ def check(condition: bool, what: str) -> None:
 
 
 def main() -> None:
-    installed = [name for name in EXTRA_PACKAGES if _importable(name)]
+    installed = sorted(set(EXTRA_MODULES) - set(missing(EXTRA_MODULES)))
     check(installed == [], f"no extra's package is installed (found {installed})")
     check(Path(hf_multimax.__file__).resolve().parents[1] != REPO, "the installed package is imported, not the tree")
 
@@ -63,12 +65,6 @@ def main() -> None:
 
     check(issubclass(MultiMaxTrainer, Trainer), "MultiMaxTrainer is there (a transformers.Trainer)")
     _extras_are_named()
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def _extras_are_named() -> None:

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COMPARATORS",
+    "NEEDS_ENTMAX",
     "EVSOFTMAX_EPS",
     "EntmaxAlphaParameters",
     "ENTMAX_ALPHA_ATTRIBUTE",
@@ -258,3 +259,5 @@ COMPARATORS: dict[str, Callable] = {
     "entmax_alpha": entmax_alpha_attention_forward,
     "evsoftmax": evsoftmax_attention_forward,
 }
+#: The comparators that run the ``entmax`` package (the ``comparators`` extra); Ev-SoftMax needs nothing.
+NEEDS_ENTMAX = ("sparsemax", "entmax15", "entmax_alpha")

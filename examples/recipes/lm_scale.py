@@ -890,10 +890,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     timed: dict[str, list[float]] = {}
     for index, seed in enumerate(seeds):
-        todo = [impl for impl in implementations if (impl, seed) not in done]
-        if not todo:
+        remaining = [impl for impl in implementations if (impl, seed) not in done]
+        if not remaining:
             continue
-        expected = expected_seconds(timed, todo)
+        expected = expected_seconds(timed, remaining)
         if deadline is not None and time.perf_counter() + expected > deadline:
             not_run.extend(s for s in seeds[index:] if any((impl, s) not in done for impl in implementations))
             logger.warning(
@@ -903,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 not_run,
             )
             break
-        for implementation in todo:
+        for implementation in remaining:
             logger.info("training %s on seed %d", implementation, seed)
             record = train_run(implementation, seed, settings, data, device, bf16, deadline)
             if device.type == "cuda":

@@ -512,20 +512,17 @@ def register_comparators(names: Iterable[str] | None = None) -> list[str]:
     return wanted
 
 
-#: The comparators that run the ``entmax`` package (the ``comparators`` extra); Ev-SoftMax needs nothing.
-ENTMAX_COMPARATORS = ("sparsemax", "entmax15", "entmax_alpha")
-
-
 def register_named_comparators(names: Iterable[str | None]) -> None:
     """Register those of ``names`` that are comparators (the CLI's and the scripts' way to honour a name the user
     gave); other names are left for Transformers to accept or refuse. A name whose package is missing raises
     :class:`~hf_multimax.extras.MissingExtraError` naming the ``comparators`` extra."""
     from .. import registry
+    from ..comparators import NEEDS_ENTMAX
     from ..extras import require
 
     comparators = [name for name in names if name in registry.COMPARATOR_IMPLEMENTATIONS]
     for name in comparators:
-        if name in ENTMAX_COMPARATORS:
+        if name in NEEDS_ENTMAX:
             require("comparators", f"attn_implementation {name!r}")
     if comparators:
         register_comparators(comparators)
