@@ -28,13 +28,13 @@ dQ and dK/dV come from separate kernels, so no tile is written by two programs a
 (FlashAttention-2 adds dQ with atomics); the price is recomputing ``Q·Kᵀ`` and ``dO·Vᵀ`` once more (7 tile matrix
 products instead of 5), which the deterministic result is worth.
 
-The ranges/ts reduction: each ``_bwd_dq_kernel`` program sums, per tile, ``dZ·a^n`` and ``dZ·a^(n-1)`` over its
-``BLOCK_M × BLOCK_N`` scores in float32 (``a = relu(r − s)`` below, ``relu(s − r)`` above, ``a^0`` the indicator),
-accumulates the tile sums in float64 across its key tiles, and stores the 4N partial sums of its (batch, head,
-query tile) into its own row of a (B, H, query tiles, 4N) float64 buffer; one PyTorch reduction over batches and
-tiles then gives the (H, 4N) sums of :func:`~hf_multimax.kernels.problem.parameter_grads`. Partial sums rather
+The ranges/ts reduction: each ``_bwd_dq_kernel`` program sums, per query row and in float32, ``dZ·a^n`` and
+``dZ·a^(n-1)`` over the row's keys (``a = relu(r − s)`` below, ``relu(s − r)`` above, ``a^0`` the indicator), corrects
+each row with its exact ``Σ P·dP`` (below), sums its rows in float64 and stores the 4N partial sums of its (batch,
+head, query tile) into its own row of a (B, H, query tiles, 4N) float64 buffer; one PyTorch reduction over batches
+and tiles then gives the (H, 4N) sums of :func:`~hf_multimax.kernels.problem.parameter_grads`. Partial sums rather
 than float32 atomics, because the result is then bit-identical from run to run (atomics add in arrival order) and a
-sum over every score of a long sequence (millions of terms) keeps float64 accuracy; the buffer is tiny.
+sum over every score of a long sequence (millions of terms) keeps float64 accuracy across rows; the buffer is tiny.
 
 Tiles: ``BLOCK_M = BLOCK_N = 64`` query × key rows, 4 warps, 2 pipeline stages in all three kernels by default
 (:data:`TILES`; halved to 32 × 32 with one stage on the GPU when a tile row of the operands exceeds 512 bytes, i.e.
@@ -47,12 +47,16 @@ configuration compiles and fits).
 Precision: σ, σ', the softmax and every accumulator are float32 (float64 for float64 inputs, so ``gradcheck``
 works); float32 inputs multiply in IEEE float32 (not TF32). bfloat16/float16 inputs (kept in their dtype by
 ``AttentionProblem.build(native_dtype=True)``) are multiplied as they come, with float32 accumulation; ``P`` and
-``dS`` are rounded to that dtype for ``dV = Pᵀ·dO``, ``dK`` and ``dQ``, as FlashAttention does. The output's ``P·V``
-is the exception (:data:`PRECISION` ``["split_pv"]``, on by default): ``P`` is split into its rounded value and the
-rounding error, two products, so that the output (hence ``rowsum(dO ⊙ O)`` in the backward) matches the float32
-probabilities the backward recomputes; otherwise every row's ``dZ`` stops summing to zero and the ``ranges``/``ts``
-gradients, sums over all scores, drift (by ~4e-2 of their scale in bfloat16, against 4e-3 with the split).
-``PRECISION["split_ds"]`` splits ``dS`` the same way for ``dQ``/``dK`` (float32-level gradients, two more products).
+``dS`` are rounded to that dtype for the output's ``P·V``, ``dV = Pᵀ·dO``, ``dK`` and ``dQ``, as FlashAttention does.
+The ``ranges``/``ts`` gradients are sums over every score, where that rounding would not average out:
+``rowsum(dO ⊙ O)`` comes from the rounded ``P`` (and ``O`` stored in bfloat16), so a row's ``dZ`` no longer sums to
+zero against the float32 probabilities the backward recomputes, and the sums drifted by ~2e-2 of their scale in
+bfloat16. So the dQ kernel also accumulates each row's exact ``Σ P·dP`` and corrects its sums with it (two row
+vectors per slot; see ``_bwd_dq_kernel``): they are then as accurate as with float32 probabilities (~3e-3 in
+bfloat16), at no extra matrix product. :data:`PRECISION` ``["split_pv"]`` (off by default) splits the output's ``P``
+into its rounded value and the rounding error, two products, for an output nearer float32 (~1.5e-3 instead of ~2e-3
+in bfloat16; one more product in the forward); ``PRECISION["split_ds"]`` splits ``dS`` the same way for ``dQ``/``dK``
+(float32-level gradients, two more products).
 The interpreter's ``tl.dot`` cannot multiply bfloat16 (it sees the raw 16-bit patterns), so there the operands are
 widened to float32 first: products of bfloat16 values are exact in float32, so the result is the one a GPU's
 float32-accumulating products give.
@@ -119,7 +123,7 @@ MAX_HEAD_DIM = 256
 #: the bias gradient would need ``reset_to_zero`` under the autotuner). The interpreter ignores warps and stages.
 TILES = {"forward": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
 #: Two-product splits for bfloat16/float16 operands (see the module docstring).
-PRECISION = {"split_pv": True, "split_ds": False}
+PRECISION = {"split_pv": False, "split_ds": False}
 
 _LOCK = threading.Lock()
 _VERIFIED: dict[str, str | None] = {}  # device type -> None (self-test passed) or the reason it failed
@@ -246,8 +250,10 @@ if triton is not None:
         return z
 
     @triton.jit
-    def _sigma_backward(s, dz, R, T, sums, offs_s, ORDER: tl.constexpr, SUMS: tl.constexpr):
-        """``(dz·σ'(s), sums + this tile's Σ dz·a^n (slots 0..2N-1) and Σ dz·a^(n-1) (slots 2N..4N-1))``."""
+    def _sigma_backward(s, dz, p, R, T, rows_a, rows_b, offs_s, ORDER: tl.constexpr, SUMS: tl.constexpr):
+        """``(dz·σ'(s), rows_a, rows_b)``; with ``SUMS``, per query row, ``rows_a`` gains this tile's Σ dz·a^n (slots
+        0..2N-1) and Σ dz·a^(n-1) (slots 2N..4N-1) and ``rows_b`` the same sums of ``p`` instead of ``dz`` (the
+        correction for the row's exact ``Σ P·dP``, see ``_bwd_dq_kernel``)."""
         deriv = tl.full(s.shape, 1.0, s.dtype)
         for n in tl.static_range(1, ORDER + 1):
             for side in tl.static_range(2):
@@ -268,12 +274,15 @@ if triton is not None:
                 else:
                     deriv += (n * t) * a_prev
                 if SUMS:
+                    here = offs_s[None, :] == 2 * n - 2 + side  # slot of Σ ·a^n; + 2N: slot of Σ ·a^(n-1)
+                    there = offs_s[None, :] == 2 * ORDER + 2 * n - 2 + side
                     w = dz * a_prev
-                    sums += tl.where(offs_s == 2 * n - 2 + side, tl.reduce(w * a, None, _SUM).to(tl.float64), 0.0)
-                    sums += tl.where(
-                        offs_s == 2 * ORDER + 2 * n - 2 + side, tl.reduce(w, None, _SUM).to(tl.float64), 0.0
-                    )
-        return dz * deriv, sums
+                    rows_a += tl.where(here, tl.reduce(w * a, 1, _SUM)[:, None], 0.0)
+                    rows_a += tl.where(there, tl.reduce(w, 1, _SUM)[:, None], 0.0)
+                    w = p * a_prev
+                    rows_b += tl.where(here, tl.reduce(w * a, 1, _SUM)[:, None], 0.0)
+                    rows_b += tl.where(there, tl.reduce(w, 1, _SUM)[:, None], 0.0)
+        return dz * deriv, rows_a, rows_b
 
     @triton.jit
     def _scores(
@@ -551,7 +560,7 @@ if triton is not None:
         dk = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
         dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
         offs_s = tl.arange(0, NS)
-        unused_sums = tl.full([NS], 0.0, tl.float64)
+        unused = tl.full([1, NS], 0.0, ACC)
         start_m0 = 0
         if CAUSAL:
             start_m0 = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query tiles see none of these keys
@@ -614,7 +623,7 @@ if triton is not None:
                 else:
                     dv += _dot(tl.trans(p), do, DOT, ACC, WIDEN)
                 dz = p * (dp - delta[:, None])
-                ds, _ = _sigma_backward(s, dz, Rh, Th, unused_sums, offs_s, ORDER, False)
+                ds, _, _ = _sigma_backward(s, dz, p, Rh, Th, unused, unused, offs_s, ORDER, False)
                 dk += _dot_split(tl.trans(ds), q, DOT, ACC, WIDEN, SPLIT_DS)
         mask_k = (offs_n < Lk)[:, None]
         tl.store(
@@ -680,6 +689,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         DROPOUT: tl.constexpr,
         BIAS_GRAD: tl.constexpr,
+        GROUPED: tl.constexpr,
         ORDER: tl.constexpr,
         ACC: tl.constexpr,
         DOT: tl.constexpr,
@@ -709,7 +719,10 @@ if triton is not None:
         kv_end = Lk
         if CAUSAL:
             kv_end = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
-        for member in range(0, GROUP_B * GROUP_H):
+        members = 1  # a compile-time 1 unless GROUPED: the compiler then drops the loop (it spilled registers)
+        if GROUPED:
+            members = GROUP_B * GROUP_H
+        for member in range(0, members):
             b = gb + member // GROUP_H
             h = gh + member % GROUP_H
             kvh = h // N_REP
@@ -730,7 +743,9 @@ if triton is not None:
             log_l = tl.load(stat + B * H * Lq, mask=in_q, other=0.0).to(ACC)
             delta = tl.load(Delta + (b * H + h) * Lq + offs_m, mask=in_q, other=0.0).to(ACC)
             dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
-            sums = tl.full([NS], 0.0, tl.float64)
+            rows_a = tl.full([BLOCK_M, NS], 0.0, ACC)
+            rows_b = tl.full([BLOCK_M, NS], 0.0, ACC)
+            exact = tl.full([BLOCK_M], 0.0, ACC)  # Σ P·dP of the row, from the probabilities recomputed here
             for start_n in range(0, kv_end, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 keys = offs_n.to(tl.int64)[:, None]
@@ -778,19 +793,29 @@ if triton is not None:
                     keep = _keep(seed, b * H + h, Lq, offs_m, offs_n, threshold)
                     dp = tl.where(keep, dp * keep_scale, 0.0)
                 dz = p * (dp - delta[:, None])
-                ds, sums = _sigma_backward(s, dz, Rh, Th, sums, offs_s, ORDER, True)
+                exact += tl.reduce(p * dp, 1, _SUM)
+                ds, rows_a, rows_b = _sigma_backward(s, dz, p, Rh, Th, rows_a, rows_b, offs_s, ORDER, True)
                 if BIAS_GRAD:
                     # This program is the only writer of these rows of slice (gb, gh): a plain read-add-write.
                     inside = in_q[:, None] & (offs_n < Lk)[None, :]
                     ptr = DBias + (gb * DB_H + gh) * Lq * Lk + rows * Lk + offs_n[None, :]
-                    old = tl.load(ptr, mask=inside, other=0.0)
-                    tl.store(ptr, (old + ds).to(DBias.dtype.element_ty), mask=inside)
+                    if GROUPED:
+                        ds_sum = ds + tl.load(ptr, mask=inside, other=0.0)
+                    else:  # the slice's only pair: one write
+                        ds_sum = ds
+                    tl.store(ptr, ds_sum.to(DBias.dtype.element_ty), mask=inside)
                 dq += _dot_split(ds, k, DOT, ACC, WIDEN, SPLIT_DS)
             tl.store(
                 DQ + (b * H + h) * Lq * D + rows * D + offs_d[None, :],
                 (dq * scale).to(DQ.dtype.element_ty),
                 mask=in_q[:, None] & (offs_d < D)[None, :],
             )
+            # dz used rowsum(dO ∘ O) (delta), whose O came from probabilities rounded for P·V and was stored in the
+            # output dtype; the ranges/ts sums take the row's exact Σ P·dP instead: Σ P·(dP − exact)·f =
+            # Σ dz·f + (delta − exact)·Σ P·f, so every row's dZ sums to zero as in float32 (dQ, dK and the bias
+            # gradient keep delta, as FlashAttention does).
+            per_row = rows_a + (delta - exact)[:, None] * rows_b
+            sums = tl.reduce(per_row.to(tl.float64), 0, _SUM)
             tl.store(Partial + ((b * H + h) * N_QB + pid_m) * NS + offs_s, sums)
 
 
@@ -989,6 +1014,7 @@ def _launch_backward(p, out, stats, dout, need_bias_grad, launch=None):
         n_qb,
         **c["flags"],
         BIAS_GRAD=need_bias_grad,
+        GROUPED=group_b * group_h > 1,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NS=ns,
