@@ -36,13 +36,14 @@ and tiles then gives the (H, 4N) sums of :func:`~hf_multimax.kernels.problem.par
 than float32 atomics, because the result is then bit-identical from run to run (atomics add in arrival order) and a
 sum over every score of a long sequence (millions of terms) keeps float64 accuracy across rows; the buffer is tiny.
 
-Tiles: ``BLOCK_M = BLOCK_N = 64`` query × key rows, 4 warps, 2 pipeline stages in all three kernels by default
-(:data:`TILES`; halved to 32 × 32 with one stage on the GPU when a tile row of the operands exceeds 512 bytes, i.e.
-float32 past head dimension 128, so that the shared memory stays within an H100/H200 SM's 227 KB). The head dimension
-is padded to a power of two, at least 16, as ``tl.dot`` wants. Lengths need not be multiples of the tiles: rows and
-columns past the end are masked to ``-inf`` (probability 0, gradient 0) and never stored, so no NaN can arise there.
-Not autotuned yet (:func:`compile_offline` compiles the kernels for sm_90 without a GPU, to check that a
-configuration compiles and fits).
+Tiles (:data:`TILES_BY_HEAD_DIM`): 64 × 64 query × key rows in the forward and dK/dV kernels and 64 × 32 in the dQ
+kernel up to head dimension 64, 64 × 64 with 8 warps in all three above it; chosen from the compiler's register and
+spill report for sm_90, not yet timed on a GPU (``$HF_MULTIMAX_TRITON_TILES`` or :data:`TILES` replace them). Halved
+with one stage on the GPU when a tile row of the operands exceeds 512 bytes, i.e. float32 past head dimension 128, so
+that the shared memory stays within an H100/H200 SM's 227 KB. The head dimension is padded to a power of two, at
+least 16, as ``tl.dot`` wants. Lengths need not be multiples of the tiles: rows and columns past the end are masked to
+``-inf`` (probability 0, gradient 0) and never stored, so no NaN can arise there. :func:`compile_offline` compiles the
+kernels for sm_90 without a GPU and reports their registers, spills, shared memory and tensor-core instructions.
 
 Precision: σ, σ', the softmax and every accumulator are float32 (float64 for float64 inputs, so ``gradcheck``
 works); float32 inputs multiply in IEEE float32 (not TF32). bfloat16/float16 inputs (kept in their dtype by
@@ -75,8 +76,14 @@ out-of-memory error, propagates.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
+import shutil
+import subprocess
+import tempfile
 import threading
 
 import torch
@@ -99,6 +106,7 @@ __all__ = [
     "MAX_ORDER",
     "MAX_HEAD_DIM",
     "TILES",
+    "TILES_BY_HEAD_DIM",
     "PRECISION",
     "NATIVE_DTYPE",
 ]
@@ -119,9 +127,21 @@ except ImportError as _error:  # optional dependency
 MAX_ORDER = 4
 #: Largest head dimension (query/key and value) the kernels take: register tiles of 64 × 256 float32 per program.
 MAX_HEAD_DIM = 256
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, fixed (no autotuning yet: the dQ kernel's read-add-write of
-#: the bias gradient would need ``reset_to_zero`` under the autotuner). The interpreter ignores warps and stages.
-TILES = {"forward": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by the padded head dimension (the larger of query/key and
+#: value; the first entry at least as large). Chosen without a GPU from the compiler's report for sm_90 (triton 3.6,
+#: bfloat16; ``benchmarks/kernel_resources.py``, ``benchmarks/results/kernel_resources_sm90.md``): configurations that
+#: keep the tensor-core instructions (wgmma) and spill the fewest registers; not yet timed on a GPU. Not autotuned
+#: (the dQ kernel's read-add-write of a shared bias gradient would need ``reset_to_zero`` under the autotuner).
+TILES_BY_HEAD_DIM = {
+    64: {"forward": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 32, 4, 2)},
+    256: {"forward": (64, 64, 8, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+}
+#: ``{kernel: tiles}`` for every problem instead of :data:`TILES_BY_HEAD_DIM` (tests, tuning); ``None``: by head
+#: dimension. The environment variable ``HF_MULTIMAX_TRITON_TILES`` (the same as JSON) takes precedence, so a
+#: benchmark can time other tiles without code. The interpreter ignores warps and stages.
+TILES: dict[str, tuple[int, int, int, int]] | None = None
+TILES_ENV = "HF_MULTIMAX_TRITON_TILES"
+_KERNELS = ("forward", "dkdv", "dq")
 #: Two-product splits for bfloat16/float16 operands (see the module docstring).
 PRECISION = {"split_pv": False, "split_ds": False}
 
@@ -846,14 +866,42 @@ def _check(p: AttentionProblem) -> None:
 
 
 def _tiles(p: AttentionProblem, kind: str, gpu: bool | None = None) -> tuple[int, int, int, int]:
-    """:data:`TILES` ``[kind]``, halved (one pipeline stage) when a tile row of the operands takes more than 512 bytes
-    (float32 past head dimension 128, float64 past 64): float32 at head dimension 256 would need ~230-300 KB of
+    """The tiles of kernel ``kind`` for ``p``: ``$HF_MULTIMAX_TRITON_TILES``, else :data:`TILES`, else
+    :data:`TILES_BY_HEAD_DIM`; halved (4 warps, one pipeline stage) when a tile row of the operands takes more than 512
+    bytes (float32 past head dimension 128, float64 past 64): float32 at head dimension 256 would need ~230-300 KB of
     shared memory with 64-row tiles, more than an H100/H200 SM has (227 KB)."""
-    block_m, block_n, warps, stages = TILES[kind]
-    row_bytes = max(_pad(p.head_dim), _pad(p.v_dim)) * p.q.element_size()
-    if row_bytes > 512 and (p.q.device.type == "cuda" if gpu is None else gpu):
-        return max(16, block_m // 2), max(16, block_n // 2), warps, 1
+    width = max(_pad(p.head_dim), _pad(p.v_dim))
+    tiles = _env_tiles(os.environ.get(TILES_ENV, "")) or {}
+    if kind not in tiles:
+        tiles = TILES or next(t for dim, t in sorted(TILES_BY_HEAD_DIM.items()) if dim >= width or dim == MAX_HEAD_DIM)
+    block_m, block_n, warps, stages = tiles[kind]
+    if width * p.q.element_size() > 512 and (p.q.device.type == "cuda" if gpu is None else gpu):
+        return max(16, block_m // 2), max(16, block_n // 2), 4, 1
     return block_m, block_n, warps, stages
+
+
+@functools.lru_cache(maxsize=8)
+def _env_tiles(text: str) -> dict[str, tuple[int, int, int, int]] | None:
+    """``$HF_MULTIMAX_TRITON_TILES`` parsed: ``{"forward": [BLOCK_M, BLOCK_N, warps, stages], "dkdv": ..., "dq":
+    ...}`` (kernels left out keep their tiles); ``None`` when unset; ``ValueError`` naming the variable."""
+    if not text.strip():
+        return None
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{TILES_ENV}={text!r} is not JSON ({error})") from None
+    if not isinstance(given, dict) or not set(given) <= set(_KERNELS):
+        raise ValueError(f"{TILES_ENV}={text!r}: expected an object with keys among {list(_KERNELS)}")
+    tiles = {}
+    for kernel, value in given.items():
+        ok = isinstance(value, list) and len(value) == 4 and all(isinstance(x, int) and x > 0 for x in value)
+        if not ok or value[0] < 16 or value[1] < 16 or any(x & (x - 1) for x in value[:3]):
+            raise ValueError(
+                f"{TILES_ENV}: {kernel}={value!r}; expected [BLOCK_M, BLOCK_N, num_warps, num_stages], positive "
+                "integers, the first three powers of two and the blocks at least 16"
+            )
+        tiles[kernel] = tuple(value)
+    return tiles
 
 
 def _pad(n: int) -> int:
@@ -1038,10 +1086,13 @@ _SIGNATURE_TYPES = {
 
 def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | None = None) -> dict[str, dict]:
     """Compile (not run) the three kernels that ``p`` would launch for NVIDIA compute capability ``arch`` (90: H100/
-    H200), without a GPU: Triton's code generator, its NVIDIA backend and the bundled ``ptxas``. Returns
-    ``{kernel: {"shared": bytes of shared memory, "num_warps": ..., "tiles": (BLOCK_M, BLOCK_N)}}``; a compile error
-    raises. For CI and for preparing a GPU run; needs this module imported without ``TRITON_INTERPRET=1`` and ``p``
-    may hold CPU tensors (nothing is launched)."""
+    H200), without a GPU: Triton's code generator, its NVIDIA backend and the bundled ``ptxas``. Returns, per kernel,
+    ``{"tiles": (BLOCK_M, BLOCK_N), "num_warps", "num_stages", "shared": bytes of shared memory}`` and, read off the
+    machine code with the ``cuobjdump`` Triton bundles (``None`` without it), ``"registers"`` per thread, ``"stack"``
+    (bytes of stack frame per thread: spilled registers), ``"spill_ops"`` (local-memory loads and stores in the code),
+    ``"wgmma"`` and ``"mma"`` (Hopper and older tensor-core instructions). A compile error raises. For CI and for
+    preparing a GPU run; needs this module imported without ``TRITON_INTERPRET=1`` and ``p`` may hold CPU tensors
+    (nothing is launched)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -1075,11 +1126,37 @@ def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | 
                 signature[name] = "fp32"
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=target, options=options)
         report[kernel.__name__] = {
-            "shared": compiled.metadata.shared,
-            "num_warps": options["num_warps"],
             "tiles": (bound["BLOCK_M"], bound["BLOCK_N"]),
+            **options,
+            "shared": compiled.metadata.shared,
+            **_machine_code_report(compiled.asm["cubin"]),
         }
     return report
+
+
+def _machine_code_report(cubin: bytes) -> dict:
+    """Registers, stack frame, local-memory instructions and tensor-core instructions of a cubin, by ``cuobjdump``."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    empty = dict.fromkeys(("registers", "stack", "spill_ops", "wgmma", "mma"))
+    if tool is None:
+        return empty
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        return empty
+    return {
+        "registers": int(found.group(1)),
+        "stack": int(found.group(2)),
+        "spill_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "wgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "mma": len(re.findall(r"\bHMMA\b", sass)),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ so a passing test really ran the kernel.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -522,7 +523,7 @@ from hf_multimax.kernels.problem import AttentionProblem
 
 g = torch.Generator().manual_seed(0)
 if sys.argv[1] == "1":  # 1. compile for sm_90 (H100/H200) without a GPU, every feature on (16-row tiles: faster to
-    compiled.TILES = {name: (16, 16, 4, 2) for name in compiled.TILES}  # compile, same code paths)
+    compiled.TILES = {name: (16, 16, 4, 2) for name in ("forward", "dkdv", "dq")}  # compile, same code paths)
     q = torch.randn(2, 4, 40, 16, generator=g).bfloat16()
     k = torch.randn(2, 2, 50, 16, generator=g).bfloat16()
     mask = torch.rand(2, 1, 40, 50, generator=g) > 0.2
@@ -530,6 +531,7 @@ if sys.argv[1] == "1":  # 1. compile for sm_90 (H100/H200) without a GPU, every 
                                bias=torch.randn(1, 4, 40, 50, generator=g), dropout_p=0.1, native_dtype=True)
     report = compiled.compile_offline(p, arch=90)
     assert len(report) == 3 and all(0 < r["shared"] <= 227 * 1024 for r in report.values()), report
+    assert all(0 < r["registers"] <= 255 and r["stack"] >= 0 and r["mma"] > 0 for r in report.values()), report
     print("compiled", report)
 
 # 2. the interpreter, triton.language's own @jit helpers being compiled-mode functions
@@ -570,6 +572,56 @@ def test_compiles_for_the_gpu_and_interprets_whatever_imported_triton_first():
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
     assert ("compiled" in proc.stdout) == compile_check
+
+
+def _problem(head_dim, dtype=torch.bfloat16):
+    q = torch.randn(1, 2, 8, head_dim).to(dtype)
+    return AttentionProblem.build(
+        q, q, q, torch.zeros(4), torch.zeros(4), scale=0.1, mask=None, causal=True, bias=None, dropout_p=0.0,
+        native_dtype=True,
+    )  # fmt: skip
+
+
+def test_tiles_by_head_dimension_and_their_overrides(monkeypatch):
+    """Tiles come from TILES_BY_HEAD_DIM by the padded head dimension, halved for float32 rows past 512 bytes on the
+    GPU; TILES replaces them and $HF_MULTIMAX_TRITON_TILES replaces both, kernel by kernel."""
+    monkeypatch.delenv(triton_kernel.TILES_ENV, raising=False)
+    monkeypatch.setattr(triton_kernel, "TILES", None)
+    by_dim = triton_kernel.TILES_BY_HEAD_DIM
+    assert triton_kernel._tiles(_problem(40), "dq") == by_dim[64]["dq"]
+    assert triton_kernel._tiles(_problem(128), "dq") == by_dim[256]["dq"] != by_dim[64]["dq"]
+    half = triton_kernel._tiles(_problem(256, torch.float32), "forward", gpu=True)
+    assert half == (by_dim[256]["forward"][0] // 2, by_dim[256]["forward"][1] // 2, 4, 1)
+    monkeypatch.setattr(triton_kernel, "TILES", SMALL_TILES["mixed"])
+    assert triton_kernel._tiles(_problem(128), "dkdv") == SMALL_TILES["mixed"]["dkdv"]
+    monkeypatch.setenv(triton_kernel.TILES_ENV, '{"dkdv": [16, 64, 2, 3]}')
+    assert triton_kernel._tiles(_problem(128), "dkdv") == (16, 64, 2, 3)
+    assert triton_kernel._tiles(_problem(128), "dq") == SMALL_TILES["mixed"]["dq"]
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("{dq: 1}", "is not JSON"),
+        ('{"backward": [64, 64, 4, 2]}', "keys among"),
+        ('{"dq": [64, 64, 4]}', "expected \\[BLOCK_M"),
+        ('{"dq": [48, 64, 4, 2]}', "powers of two"),
+        ('{"dq": [8, 64, 4, 2]}', "at least 16"),
+    ],
+)
+def test_bad_tiles_in_the_environment_name_the_variable(text, match, monkeypatch):
+    monkeypatch.setenv(triton_kernel.TILES_ENV, text)
+    with pytest.raises(ValueError, match=match) as error:
+        triton_kernel._tiles(_problem(64), "dq")
+    assert triton_kernel.TILES_ENV in str(error.value)
+
+
+def test_kernels_run_with_tiles_from_the_environment(monkeypatch):
+    """The override reaches the launch: odd tiles from the environment, the same results as the references."""
+    monkeypatch.setenv(triton_kernel.TILES_ENV, json.dumps({k: list(v) for k, v in SMALL_TILES["mixed_t"].items()}))
+    q, k, v, mask, bias, causal = to_device(make_inputs("causal", seed=2))
+    module = attention_module(2, q.shape[1], n_rep=q.shape[1] // k.shape[1]).to(DEVICE)
+    check_against_references(q, k, v, module, mask, bias, causal)
 
 
 def _fallback_case():
