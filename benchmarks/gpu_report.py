@@ -13,6 +13,7 @@ from common import markdown_table
 NAME = "gpu_check"
 IMPL_LABELS = {
     "multimax": "multimax (Triton)",
+    "multimax_atomic": "multimax, atomic bwd",
     "sdpa_flash": "SDPA flash",
     "sdpa_cudnn": "SDPA cuDNN",
     "flex_multimax": "Flex + σ",
@@ -115,6 +116,13 @@ def targets(data: dict) -> list[dict]:
                         add(f"attention {mode}, {where}: multimax / Flex + σ", _ratio(mm, flex, "ms"), LIMITS["flex"])
                 mm = _entry(entries, impl="multimax", mode="fwd+bwd", **key)
                 flash = _entry(entries, impl="sdpa_flash", mode="fwd+bwd", **key)
+                atomic = _entry(entries, impl="multimax_atomic", mode="fwd+bwd", **key)
+                if atomic is not None:  # the opt-in backward, against the same limit (the default must meet it)
+                    add(
+                        f"attention fwd+bwd, {where}: multimax with the atomic backward (opt-in) / SDPA flash",
+                        _ratio(atomic, flash, "ms"),
+                        LIMITS["fwd+bwd"],
+                    )
                 if mm is not None and mm.get("peak_mib") is not None:
                     add(
                         f"peak memory fwd+bwd, {where}: multimax / SDPA flash",
@@ -180,23 +188,25 @@ def _environment_line(env: dict) -> str:
 
 def _correctness_section(part: dict) -> str:
     names = ("output", "dq", "dk", "dv", "d_ranges", "d_ts", "d_bias")
-    header = ["case", "dtype", "d", "B×H(kv)×Lq×Lk", *names, "eager out", "same twice", "masked rows 0", "ran on", "ok"]
+    header = ["case", "backward", "dtype", "d", "B×H(kv)×Lq×Lk", *names, "eager out", "same twice", "masked rows 0"]
+    header += ["ran on", "ok"]
     rows = []
     for case in part.get("cases", []):
         errors = case.get("errors", {})
         shape = f"{case['batch']}×{case['heads']}({case['kv_heads']})×{case['q_len']}×{case['kv_len']}"
         if not errors:
             rows.append(
-                [case["kind"], case["dtype"], str(case["head_dim"]), shape, case.get("error", "")[:120]]
-                + [""] * (len(header) - 5)
+                [case["kind"], case.get("backward", "deterministic"), case["dtype"], str(case["head_dim"]), shape]
+                + [case.get("error", "")[:120]]
+                + [""] * (len(header) - 6)
             )
             continue
         rows.append(
-            [case["kind"], case["dtype"], str(case["head_dim"]), shape]
+            [case["kind"], case.get("backward", "deterministic"), case["dtype"], str(case["head_dim"]), shape]
             + [_f(errors[n]["rel"], ".1e") if n in errors else "–" for n in names]
             + [
                 _f(errors["output"].get("eager_rel"), ".1e"),
-                "yes" if case.get("deterministic") else "NO",
+                "yes" if case.get("deterministic") else ("no" if case.get("backward") == "atomic" else "NO"),
                 {None: "–", True: "yes", False: "NO"}[case.get("masked_rows_zero")],
                 ",".join(case.get("backends", [])),
                 "ok" if case.get("passed") else "**FAILED**",
@@ -207,7 +217,8 @@ def _correctness_section(part: dict) -> str:
         "## Correctness on the hardware\n\n‖x − ref‖/‖ref‖ of the Triton kernel's output and gradients against the "
         "float64 reference on the same (rounded) values; bands: " + bands + ". 'eager out': the eager reference run "
         "in the case's dtype, for scale. Dropout cases are compared with the blocked path in float64 with the same "
-        f"seed. {part.get('workers', '?')} worker processes.\n\n" + markdown_table(header, rows)
+        "seed. 'atomic': the opt-in one-kernel backward, whose runs may differ in the last bits ('same twice' is "
+        f"not required of it). {part.get('workers', '?')} worker processes.\n\n" + markdown_table(header, rows)
     )
 
 
@@ -226,6 +237,7 @@ def _attention_section(part: dict) -> str:
         header = ["seq", "d", "causal", "B×H"] + [f"{IMPL_LABELS[i]} ms" for i in impls]
         header += [
             "multimax / flash",
+            "atomic bwd / flash",
             "multimax / Flex + σ",
             "multimax TFLOP/s (of mm)",
             "flash TFLOP/s",
@@ -248,6 +260,7 @@ def _attention_section(part: dict) -> str:
                 + [_f(got[i]["ms"] if got[i] else None, ".2f") for i in impls]
                 + [
                     _f(_ratio(mm, flash, "ms")),
+                    _f(_ratio(got.get("multimax_atomic"), flash, "ms")),
                     _f(_ratio(mm, got.get("flex_multimax"), "ms")),
                     "–" if mm is None else f"{mm['tflops']:.0f} ({_f(mm.get('of_matmul'), '.0%')})",
                     _f(flash["tflops"] if flash else None, ".0f"),
@@ -562,7 +575,7 @@ def _part_line(name: str, part: dict) -> str:
     if name == "attention":
         entries = part.get("entries", [])
         ok = sum(e["status"] == "ok" for e in entries)
-        failed = [e for e in entries if e["impl"] == "multimax" and e["status"] == "failed"]
+        failed = [e for e in entries if e["impl"].startswith("multimax") and e["status"] == "failed"]
         return f"{ok}/{len(entries)} entries ran; {len(failed)} multimax failures"
     if name == "end_to_end":
         bits = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tiles", help="JSON {kernel: [BLOCK_M, BLOCK_N, warps, stages]} (as HF_MULTIMAX_TRITON_TILES)"
+    )
+    parser.add_argument(
+        "--backward",
+        choices=["deterministic", "atomic"],
+        default="deterministic",
+        help="the backward to compile (as HF_MULTIMAX_TRITON_BACKWARD; default deterministic)",
     )
     parser.add_argument("--order", type=int, default=2, help="σ's order (default 2)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability (default 90: H100/H200)")
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiles:
         os.environ["HF_MULTIMAX_TRITON_TILES"] = args.tiles
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["HF_MULTIMAX_TRITON_BACKWARD"] = args.backward
     import triton
 
     from hf_multimax.kernels import triton_kernel
@@ -104,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "order": args.order,
         "tiles": args.tiles or "TILES_BY_HEAD_DIM",
+        "backward": args.backward,
         "seconds": round(time.perf_counter() - start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernel_resources_sm{args.arch}"
+    stem = args.out / f"kernel_resources_sm{args.arch}{'_atomic' if args.backward == 'atomic' else ''}"
+    command = shlex.join(["python", "benchmarks/kernel_resources.py", *(sys.argv[1:] if argv is None else argv)])
     stem.with_suffix(".json").write_text(json.dumps({"environment": environment, "kernels": records}, indent=2) + "\n")
     text = (
         f"# Triton kernels compiled for sm_{args.arch} (no GPU): resources\n\n"
-        f"`python benchmarks/kernel_resources.py` — triton {triton.__version__}, torch {torch.__version__}, σ order "
-        f"{args.order}, tiles: {environment['tiles']}. Registers per thread (255 is the cap), bytes of stack frame per "
+        f"`{command}` — triton {triton.__version__}, torch {torch.__version__}, σ order "
+        f"{args.order}, tiles: {environment['tiles']}, {args.backward} backward. "
+        "Registers per thread (255 is the cap), bytes of stack frame per "
         "thread (spilled registers), local-memory loads and stores in the machine code, shared memory per program, "
         "and tensor-core instructions (HGMMA: Hopper's wgmma; HMMA: mma.sync). Read off the compiler's output, not "
         "measured on a GPU.\n\n" + markdown_table(headers, [[str(x) for x in row] for row in rows]) + "\n"

@@ -26,7 +26,12 @@ Algorithm (flash-attention 2, three kernels, same contract as :mod:`.blocked` an
 
 dQ and dK/dV come from separate kernels, so no tile is written by two programs and the backward needs no atomics
 (FlashAttention-2 adds dQ with atomics); the price is recomputing ``Q·Kᵀ`` and ``dO·Vᵀ`` once more (7 tile matrix
-products instead of 5), which the deterministic result is worth.
+products instead of 5), which the deterministic result is worth by default.
+
+Opt-in instead (:data:`BACKWARD` ``= "atomic"``): FlashAttention-2's one-kernel backward. The dK/dV kernel also
+adds each tile's ``scale·dS·K`` into a float32 dQ buffer (and the bias gradient, and each row's ``Σ P·dP`` and
+``Σ P·f`` for the ranges/ts correction) with atomics, and the dQ kernel does not run: 5 tile products instead of 7,
+at the price of results that vary in the last bits between runs.
 
 The ranges/ts reduction: each ``_bwd_dq_kernel`` program sums, per query row and in float32, ``dZ·a^n`` and
 ``dZ·a^(n-1)`` over the row's keys (``a = relu(r − s)`` below, ``relu(s − r)`` above, ``a^0`` the indicator), corrects
@@ -37,7 +42,8 @@ than float32 atomics, because the result is then bit-identical from run to run (
 sum over every score of a long sequence (millions of terms) keeps float64 accuracy across rows; the buffer is tiny.
 
 Tiles (:data:`TILES_BY_HEAD_DIM`): 64 × 64 query × key rows in the forward and dK/dV kernels and 64 × 32 in the dQ
-kernel up to head dimension 64, 64 × 64 with 8 warps in all three above it; chosen from the compiler's register and
+kernel up to head dimension 64, 64 × 64 with 8 warps in all three above it, 32 × 64 with 8 warps for the one-kernel
+backward; chosen from the compiler's register and
 spill report for sm_90, not yet timed on a GPU (``$HF_MULTIMAX_TRITON_TILES`` or :data:`TILES` replace them). Halved
 with one stage on the GPU when a tile row of the operands exceeds 512 bytes, i.e. float32 past head dimension 128, so
 that the shared memory stays within an H100/H200 SM's 227 KB. The head dimension is padded to a power of two, at
@@ -107,6 +113,8 @@ __all__ = [
     "MAX_HEAD_DIM",
     "TILES",
     "TILES_BY_HEAD_DIM",
+    "BACKWARD",
+    "backward_mode",
     "PRECISION",
     "NATIVE_DTYPE",
 ]
@@ -132,16 +140,25 @@ MAX_HEAD_DIM = 256
 #: bfloat16; ``benchmarks/kernel_resources.py``, ``benchmarks/results/kernel_resources_sm90.md``): configurations that
 #: keep the tensor-core instructions (wgmma) and spill the fewest registers; not yet timed on a GPU. Not autotuned
 #: (the dQ kernel's read-add-write of a shared bias gradient would need ``reset_to_zero`` under the autotuner).
+#: ``"atomic"``: the one-kernel backward's (:data:`BACKWARD`; it holds dK, dV and a dQ tile at once).
 TILES_BY_HEAD_DIM = {
-    64: {"forward": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 32, 4, 2)},
-    256: {"forward": (64, 64, 8, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    64: {"forward": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 32, 4, 2), "atomic": (32, 64, 8, 2)},
+    256: {"forward": (64, 64, 8, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2), "atomic": (32, 64, 8, 2)},
 }
 #: ``{kernel: tiles}`` for every problem instead of :data:`TILES_BY_HEAD_DIM` (tests, tuning); ``None``: by head
 #: dimension. The environment variable ``HF_MULTIMAX_TRITON_TILES`` (the same as JSON) takes precedence, so a
 #: benchmark can time other tiles without code. The interpreter ignores warps and stages.
 TILES: dict[str, tuple[int, int, int, int]] | None = None
 TILES_ENV = "HF_MULTIMAX_TRITON_TILES"
-_KERNELS = ("forward", "dkdv", "dq")
+_KERNELS = ("forward", "dkdv", "dq", "atomic")
+#: The backward: ``"deterministic"`` (default: a dK/dV kernel and a dQ kernel, no atomics, two runs bit-identical)
+#: or ``"atomic"`` (opt-in, FlashAttention-2's: one kernel that adds dQ, the bias gradient and the ranges/ts row
+#: corrections with float atomics: two fewer matrix products per tile, results that vary in the last bits from run
+#: to run). ``$HF_MULTIMAX_TRITON_BACKWARD`` takes precedence; ``torch.use_deterministic_algorithms(True)`` keeps
+#: the deterministic one whatever is asked.
+BACKWARD = "deterministic"
+BACKWARD_ENV = "HF_MULTIMAX_TRITON_BACKWARD"
+BACKWARD_MODES = ("deterministic", "atomic")
 #: Two-product splits for bfloat16/float16 operands (see the module docstring).
 PRECISION = {"split_pv": False, "split_ds": False}
 
@@ -513,6 +530,11 @@ if triton is not None:
         DO,
         DK,
         DV_,
+        DQ,
+        Partial,
+        RowB,
+        RowExact,
+        DBias,
         sqb,
         sqh,
         sqm,
@@ -541,10 +563,16 @@ if triton is not None:
         DV,
         seed,
         threshold,
+        DB_H,
+        GROUP_B,
+        GROUP_H,
+        N_KB,
         CAUSAL: tl.constexpr,
         MASK_KIND: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         DROPOUT: tl.constexpr,
+        ATOMIC: tl.constexpr,
+        BIAS_GRAD: tl.constexpr,
         ORDER: tl.constexpr,
         ACC: tl.constexpr,
         DOT: tl.constexpr,
@@ -557,6 +585,9 @@ if triton is not None:
         BLOCK_DV: tl.constexpr,
         NS: tl.constexpr,
     ):
+        # With ATOMIC (the opt-in one-kernel backward, FlashAttention-2's): also adds this key tile's share of dQ, of
+        # the bias gradient and of each row's Σ P·dP and Σ P·f (for the ranges/ts correction) into float32/float64
+        # buffers with atomics, and stores its Σ dz·f per head into its own row of Partial; no dQ kernel runs.
         pid_n = tl.program_id(0)
         bkv = tl.program_id(1)
         b = (bkv // HKV).to(tl.int64)
@@ -588,6 +619,7 @@ if triton is not None:
             h = kvh * N_REP + rep
             Rh = R + h * 2 * ORDER
             Th = T + h * 2 * ORDER
+            sums = tl.full([NS], 0.0, tl.float64)
             for start_m in range(start_m0, Lq, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 rows = offs_m.to(tl.int64)[:, None]
@@ -643,8 +675,28 @@ if triton is not None:
                 else:
                     dv += _dot(tl.trans(p), do, DOT, ACC, WIDEN)
                 dz = p * (dp - delta[:, None])
-                ds, _, _ = _sigma_backward(s, dz, p, Rh, Th, unused, unused, offs_s, ORDER, False)
+                if ATOMIC:
+                    rows_a = tl.full([BLOCK_M, NS], 0.0, ACC)
+                    rows_b = tl.full([BLOCK_M, NS], 0.0, ACC)
+                    ds, rows_a, rows_b = _sigma_backward(s, dz, p, Rh, Th, rows_a, rows_b, offs_s, ORDER, True)
+                    sums += tl.reduce(rows_a.to(tl.float64), 0, _SUM)
+                    at = (b * H + h) * Lq + offs_m
+                    tl.atomic_add(RowExact + at, tl.reduce(p * dp, 1, _SUM), mask=in_q)
+                    tl.atomic_add(RowB + at[:, None] * NS + offs_s[None, :], rows_b, mask=in_q[:, None])
+                    tl.atomic_add(
+                        DQ + (b * H + h) * Lq * D + rows * D + offs_d[None, :],
+                        _dot_split(ds, k, DOT, ACC, WIDEN, SPLIT_DS) * scale,
+                        mask=in_q[:, None] & (offs_d < D)[None, :],
+                    )
+                    if BIAS_GRAD:  # slices shared by several (batch, head) pairs add up: atomics here too
+                        where = ((b // GROUP_B) * DB_H + h // GROUP_H) * Lq * Lk + rows * Lk + offs_n[None, :]
+                        inside = in_q[:, None] & (offs_n < Lk)[None, :]
+                        tl.atomic_add(DBias + where, ds, mask=inside)
+                else:
+                    ds, _, _ = _sigma_backward(s, dz, p, Rh, Th, unused, unused, offs_s, ORDER, False)
                 dk += _dot_split(tl.trans(ds), q, DOT, ACC, WIDEN, SPLIT_DS)
+            if ATOMIC:
+                tl.store(Partial + ((b * H + h) * N_KB + pid_n) * NS + offs_s, sums)
         mask_k = (offs_n < Lk)[:, None]
         tl.store(
             DK + (b * HKV + kvh) * Lk * D + keys * D + offs_d[None, :],
@@ -874,6 +926,7 @@ def _tiles(p: AttentionProblem, kind: str, gpu: bool | None = None) -> tuple[int
     tiles = _env_tiles(os.environ.get(TILES_ENV, "")) or {}
     if kind not in tiles:
         tiles = TILES or next(t for dim, t in sorted(TILES_BY_HEAD_DIM.items()) if dim >= width or dim == MAX_HEAD_DIM)
+        kind = kind if kind in tiles else "dkdv"  # TILES without "atomic": the dK/dV kernel's tiles
     block_m, block_n, warps, stages = tiles[kind]
     if width * p.q.element_size() > 512 and (p.q.device.type == "cuda" if gpu is None else gpu):
         return max(16, block_m // 2), max(16, block_n // 2), 4, 1
@@ -902,6 +955,16 @@ def _env_tiles(text: str) -> dict[str, tuple[int, int, int, int]] | None:
             )
         tiles[kernel] = tuple(value)
     return tiles
+
+
+def backward_mode() -> str:
+    """The backward the next call runs (:data:`BACKWARD`, ``$HF_MULTIMAX_TRITON_BACKWARD``); ``ValueError`` naming the
+    setting for another value."""
+    env = os.environ.get(BACKWARD_ENV, "").strip()
+    mode, source = (env, BACKWARD_ENV) if env else (BACKWARD, "triton_kernel.BACKWARD")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"{source}={mode!r}; expected one of {list(BACKWARD_MODES)}")
+    return "deterministic" if torch.are_deterministic_algorithms_enabled() else mode
 
 
 def _pad(n: int) -> int:
@@ -1010,17 +1073,24 @@ def _launch_backward(p, out, stats, dout, need_bias_grad, launch=None):
     do_strides = (dout.stride()[0], dout.stride()[1], dout.stride()[2])  # (B, Lq, H, Dv)
     sizes = (p.q_len, p.kv_len, p.head_dim, p.v_dim, c["seed"], c["threshold"])
 
-    block_m, block_n, warps, stages = _tiles(p, "dkdv")
-    grid = (triton.cdiv(p.kv_len, block_n), p.batch * p.kv_heads)
+    group_b, group_h = p.batch // db, p.heads // dh
+    atomic = backward_mode() == "atomic"
+    block_m, block_n, warps, stages = _tiles(p, "atomic" if atomic else "dkdv")
+    n_kb = triton.cdiv(p.kv_len, block_n)
+    if atomic:  # Σ dz·f per (batch, head, key tile); each row's Σ P·dP and Σ P·f, added up by atomics
+        partial = torch.zeros(p.batch, p.heads, n_kb, ns, dtype=torch.float64, device=device)
+        row_b = torch.zeros(p.batch, p.heads, p.q_len, ns, dtype=p.dtype, device=device)
+        row_exact = torch.zeros(p.batch, p.heads, p.q_len, dtype=p.dtype, device=device)
     launch(
         _bwd_dkdv_kernel,
-        grid,
+        (n_kb, p.batch * p.kv_heads),
         *c["tensors"],
         stats,
         delta,
         dout,
         dk,
         dv,
+        *((dq, partial, row_b, row_exact, dbias if dbias is not None else dq) if atomic else (dq,) * 5),
         *c["strides"],
         *do_strides,
         p.batch,
@@ -1028,18 +1098,26 @@ def _launch_backward(p, out, stats, dout, need_bias_grad, launch=None):
         p.kv_heads,
         p.n_rep,
         *sizes,
+        dh,
+        group_b,
+        group_h,
+        n_kb,
         **c["flags"],
+        ATOMIC=atomic,
+        BIAS_GRAD=atomic and need_bias_grad,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NS=ns,
         num_warps=warps,
         num_stages=stages,
     )
+    if atomic:  # the rows' correction of the ranges/ts sums (see _bwd_dq_kernel), here in float64 after the kernel
+        fix = ((delta - row_exact).double().unsqueeze(-1) * row_b.double()).sum((0, 2))
+        return dq, dk, dv, (partial.sum((0, 2)) + fix)[:, : 4 * p.order], dbias
 
     block_m, block_n, warps, stages = _tiles(p, "dq")
     n_qb = triton.cdiv(p.q_len, block_m)
     partial = torch.zeros(p.batch, p.heads, n_qb, ns, dtype=torch.float64, device=device)
-    group_b, group_h = p.batch // db, p.heads // dh
     launch(
         _bwd_dq_kernel,
         (n_qb, db * dh),
@@ -1270,6 +1348,7 @@ def _variant(p: AttentionProblem) -> tuple:
         mask,
         p.bias is not None,
         p.dropout_p > 0,
+        backward_mode(),
     )
 
 

@@ -240,6 +240,119 @@ def test_backward_is_deterministic():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the opt-in one-kernel backward (atomic dQ, FlashAttention-2's)
+
+
+@pytest.fixture
+def atomic(monkeypatch):
+    monkeypatch.delenv(triton_kernel.BACKWARD_ENV, raising=False)
+    monkeypatch.setattr(triton_kernel, "BACKWARD", "atomic")
+
+
+def launched_kernels(p, need_bias_grad):
+    """The kernels one forward and backward of ``p`` launch, by name, and the backward's results."""
+    names = []
+
+    def launch(kernel, grid, *args, **kwargs):
+        names.append(kernel.__name__)
+        triton_kernel._run(kernel, grid, *args, **kwargs)
+
+    out, stats = triton_kernel._launch_forward(p, launch=launch)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    return names, triton_kernel._launch_backward(p, out, stats, dout, need_bias_grad, launch=launch)
+
+
+def test_backward_modes_and_their_settings(monkeypatch):
+    """deterministic (default): the dK/dV and dQ kernels; atomic: the dK/dV kernel alone, with the same results (to
+    float32 rounding: atomics add in arrival order). The environment wins over BACKWARD; a bad value is a ValueError
+    naming the setting; torch.use_deterministic_algorithms(True) keeps the deterministic backward."""
+    monkeypatch.delenv(triton_kernel.BACKWARD_ENV, raising=False)
+    q, k, v, mask, bias, _ = to_device(make_inputs("position_bias"))
+    p = AttentionProblem.build(
+        q, k, v, *params(attention_module(2, 2)), scale=0.4, mask=mask.to(DEVICE), causal=False,
+        bias=bias.detach(), dropout_p=0.0,
+    )  # fmt: skip
+    assert triton_kernel.backward_mode() == "deterministic"
+    names, want = launched_kernels(p, True)
+    assert names == ["_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"]
+    monkeypatch.setenv(triton_kernel.BACKWARD_ENV, "atomic")
+    assert triton_kernel.backward_mode() == "atomic"
+    names, got = launched_kernels(p, True)
+    assert names == ["_fwd_kernel", "_bwd_dkdv_kernel"]
+    for name, a, b in zip(["dq", "dk", "dv", "sums", "dbias"], got, want):
+        assert_close(a, b, 2e-6, name)
+    monkeypatch.setattr(triton_kernel, "BACKWARD", "deterministic")
+    assert triton_kernel.backward_mode() == "atomic"  # the environment wins
+    monkeypatch.setenv(triton_kernel.BACKWARD_ENV, "fast")
+    with pytest.raises(ValueError, match="HF_MULTIMAX_TRITON_BACKWARD='fast'.*'deterministic', 'atomic'"):
+        triton_kernel.backward_mode()
+    monkeypatch.delenv(triton_kernel.BACKWARD_ENV)
+    monkeypatch.setattr(triton_kernel, "BACKWARD", "atomics")
+    with pytest.raises(ValueError, match="triton_kernel.BACKWARD='atomics'"):
+        triton_kernel.backward_mode()
+    monkeypatch.setattr(triton_kernel, "BACKWARD", "atomic")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert triton_kernel.backward_mode() == "deterministic"
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("case,order,per_head", [(c, o, p) for c, plan in PLAN.items() for o, p in plan[:1]])
+def test_atomic_backward_matches_reference(case, order, per_head, atomic):
+    q, k, v, mask, bias, causal = to_device(make_inputs(case, seed=3))
+    module = attention_module(order, q.shape[1] if per_head else None, n_rep=q.shape[1] // k.shape[1]).to(DEVICE)
+    mask = mask.to(DEVICE) if mask is not None else None
+    check_against_references(q, k, v, module, mask, bias, causal)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 13, 17), (2, 1, 13, 17), (13, 17)])
+def test_atomic_backward_small_tiles_and_shared_bias(shape, atomic, monkeypatch):
+    """Bias slices shared by several (batch, head) pairs, which the one-kernel backward adds up with atomics; small
+    unequal tiles, GQA."""
+    monkeypatch.setattr(triton_kernel, "TILES", SMALL_TILES["mixed_t"])
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 13, 8, generator=gen)
+    k, v = (torch.randn(2, 2, 17, 8, generator=gen) for _ in range(2))
+    bias = torch.randn(shape, generator=gen)
+    q, k, v, bias = to_device([t.requires_grad_() for t in (q, k, v, bias)])
+    check_against_references(q, k, v, attention_module(3, 4, n_rep=2).to(DEVICE), None, bias, False)
+
+
+def test_atomic_backward_gradcheck_float64(atomic):
+    """Finite differences through the one-kernel backward: bool mask with a fully masked row, per-head order 2, GQA,
+    bias, dropout."""
+    gen = torch.Generator().manual_seed(2)
+    f64 = dict(dtype=torch.float64)
+    q = torch.randn(1, 2, 3, 2, generator=gen, **f64).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(1, 1, 4, 2, generator=gen, **f64).to(DEVICE).requires_grad_() for _ in range(2))
+    bias = torch.randn(1, 2, 3, 4, generator=gen, **f64).to(DEVICE).requires_grad_()
+    mask = (torch.rand(1, 1, 3, 4, generator=gen) > 0.3).to(DEVICE)
+    mask[0, :, 1] = False
+    ranges, ts = ((torch.randn(2, 4, generator=gen, **f64) * 0.5).to(DEVICE).requires_grad_() for _ in range(2))
+    for dropout in (0.0, 0.3):
+
+        def fn(q, k, v, ranges, ts, bias, dropout=dropout):
+            torch.manual_seed(7)
+            return multimax_attention(
+                q, k, v, ranges, ts, attention_mask=mask, position_bias=bias, dropout_p=dropout, backend="triton"
+            )
+
+        assert torch.autograd.gradcheck(fn, (q, k, v, ranges, ts, bias), fast_mode=True), dropout
+    assert torch.autograd.gradcheck(fn, (q.detach(), k.detach(), v.detach(), ranges, ts, bias.detach()))
+
+
+def test_atomic_backward_bfloat16_sigma_gradients(atomic):
+    """The row correction of the ranges/ts sums holds in the one-kernel backward too (it adds the rows' sums with
+    atomics and corrects them after the kernel)."""
+    for case in ("causal", "position_bias"):
+        errors = relative_errors_bf16(case, 0)
+        assert errors["d_ranges"] <= 1e-2 and errors["d_ts"] <= 1e-2, errors
+        assert max(errors.values()) <= 1e-2, errors
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # masks
 
 
@@ -592,8 +705,10 @@ def test_tiles_by_head_dimension_and_their_overrides(monkeypatch):
     assert triton_kernel._tiles(_problem(128), "dq") == by_dim[256]["dq"] != by_dim[64]["dq"]
     half = triton_kernel._tiles(_problem(256, torch.float32), "forward", gpu=True)
     assert half == (by_dim[256]["forward"][0] // 2, by_dim[256]["forward"][1] // 2, 4, 1)
+    assert triton_kernel._tiles(_problem(64), "atomic") == by_dim[64]["atomic"]
     monkeypatch.setattr(triton_kernel, "TILES", SMALL_TILES["mixed"])
     assert triton_kernel._tiles(_problem(128), "dkdv") == SMALL_TILES["mixed"]["dkdv"]
+    assert triton_kernel._tiles(_problem(128), "atomic") == SMALL_TILES["mixed"]["dkdv"]  # TILES has no "atomic"
     monkeypatch.setenv(triton_kernel.TILES_ENV, '{"dkdv": [16, 64, 2, 3]}')
     assert triton_kernel._tiles(_problem(128), "dkdv") == (16, 64, 2, 3)
     assert triton_kernel._tiles(_problem(128), "dq") == SMALL_TILES["mixed"]["dq"]
