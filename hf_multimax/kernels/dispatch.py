@@ -289,8 +289,8 @@ def run_backward(
     output and statistics and the output's gradient."""
     plan = _plan(requested, build, "backward")
 
-    def args(problem: AttentionProblem) -> tuple:
-        return out.to(problem.dtype), stats.to(problem.dtype), dout.to(problem.dtype), need_bias_grad
+    def args(problem: AttentionProblem) -> tuple:  # dO as it came for the Triton kernel's bfloat16/float16 operands
+        return out.to(problem.dtype), stats.to(problem.dtype), dout.to(problem.q.dtype), need_bias_grad
 
     try:
         result = plan.kernel.backward(plan.problem, *args(plan.problem))

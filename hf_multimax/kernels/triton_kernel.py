@@ -375,6 +375,25 @@ if triton is not None:
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         return tl.exp(z - m_safe[:, None] - log_l[:, None])
 
+    @triton.jit
+    def _bwd_delta_kernel(
+        Out, DO, Delta, sob, som, soh, sdb, sdm, sdh, H, Lq, DV,
+        ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
+        """``Delta[b, h, i] = Σ_d dO ⊙ O`` of one (batch, head) and ``BLOCK_M`` query rows, accumulated in ``ACC``
+        from the output's dtype (no widened copies of O and dO in memory)."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        rows = offs_m.to(tl.int64)[:, None]
+        inside = (offs_m < Lq)[:, None] & (offs_dv < DV)[None, :]
+        o = tl.load(Out + b * sob + h * soh + rows * som + offs_dv[None, :], mask=inside, other=0.0).to(ACC)
+        do = tl.load(DO + b * sdb + h * sdh + rows * sdm + offs_dv[None, :], mask=inside, other=0.0).to(ACC)
+        tl.store(Delta + bh * Lq + offs_m, tl.reduce(o * do, 1, _SUM), mask=offs_m < Lq)
+
     @triton.jit(do_not_specialize=["seed", "threshold"])
     def _fwd_kernel(
         Q,
@@ -1024,6 +1043,8 @@ def _run(kernel, grid, *args, **kwargs) -> None:
 
 def _launch_forward(p: AttentionProblem, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
     launch = launch or _run
+    # The output in the compute dtype: the backward's rowsum(dO ∘ O) reads it, and from a bfloat16 O the dQ/dK
+    # errors grow from ~4e-3 to ~1.6e-2 of float64 (measured in the interpreter), past the 1e-2 band.
     out = torch.empty(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device)
     stats = torch.empty(2, p.batch, p.heads, p.q_len, dtype=p.dtype, device=p.q.device)
     c = _common(p)
@@ -1058,23 +1079,39 @@ def _launch_forward(p: AttentionProblem, launch=None) -> tuple[torch.Tensor, tor
 def _launch_backward(p, out, stats, dout, need_bias_grad, launch=None):
     launch = launch or _run
     device = p.q.device
-    # rowsum(dO ∘ O) from the saved output in the compute dtype (see function.MultiMaxAttentionFunction).
-    delta = (dout.to(p.dtype) * out.to(p.dtype)).sum(-1).transpose(1, 2).contiguous()
-    dout = dout.to(p.q.dtype)  # the products' operand dtype (lossless: the gradient arrives in that dtype)
+    # dO in the products' operand dtype (lossless: the gradient arrives in the dtype the model returned).
+    dout = dout.to(p.q.dtype)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
     stats = stats.to(p.dtype).contiguous()
-    dq = torch.zeros(p.batch, p.heads, p.q_len, p.head_dim, dtype=p.dtype, device=device)
-    dk = torch.zeros(p.batch, p.kv_heads, p.kv_len, p.head_dim, dtype=p.dtype, device=device)
-    dv = torch.zeros(p.batch, p.kv_heads, p.kv_len, p.v_dim, dtype=p.dtype, device=device)
+    c = _common(p)
+    # rowsum(dO ∘ O), accumulated in the compute dtype by a small kernel (no widened copies of O and dO).
+    delta = torch.empty(p.batch, p.heads, p.q_len, dtype=p.dtype, device=device)
+    block_dv = c["flags"]["BLOCK_DV"]
+    rows = max(1, min(128, 8192 // block_dv))
+    launch(
+        _bwd_delta_kernel,
+        (triton.cdiv(p.q_len, rows), p.batch * p.heads),
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], p.heads, p.q_len, p.v_dim,
+        ACC=c["flags"]["ACC"], BLOCK_M=rows, BLOCK_DV=block_dv, num_warps=4, num_stages=1,
+    )  # fmt: skip
+    atomic = backward_mode() == "atomic"
+    # The gradients in the operands' dtype, each element written once by one program (the atomic backward adds dQ
+    # into a zeroed buffer in the compute dtype instead).
+    dq = (
+        torch.zeros(p.batch, p.heads, p.q_len, p.head_dim, dtype=p.dtype, device=device)
+        if atomic
+        else torch.empty(p.batch, p.heads, p.q_len, p.head_dim, dtype=p.q.dtype, device=device)
+    )
+    dk = torch.empty(p.batch, p.kv_heads, p.kv_len, p.head_dim, dtype=p.q.dtype, device=device)
+    dv = torch.empty(p.batch, p.kv_heads, p.kv_len, p.v_dim, dtype=p.q.dtype, device=device)
     db, dh = p.bias_slots if need_bias_grad else (p.batch, p.heads)
     dbias = torch.zeros(db, dh, p.q_len, p.kv_len, dtype=p.dtype, device=device) if need_bias_grad else None
     ns = triton.next_power_of_2(4 * p.order)
-    c = _common(p)
     do_strides = (dout.stride()[0], dout.stride()[1], dout.stride()[2])  # (B, Lq, H, Dv)
     sizes = (p.q_len, p.kv_len, p.head_dim, p.v_dim, c["seed"], c["threshold"])
 
     group_b, group_h = p.batch // db, p.heads // dh
-    atomic = backward_mode() == "atomic"
     block_m, block_n, warps, stages = _tiles(p, "atomic" if atomic else "dkdv")
     n_kb = triton.cdiv(p.kv_len, block_n)
     if atomic:  # Σ dz·f per (batch, head, key tile); each row's Σ P·dP and Σ P·f, added up by atomics
@@ -1113,7 +1150,7 @@ def _launch_backward(p, out, stats, dout, need_bias_grad, launch=None):
     )
     if atomic:  # the rows' correction of the ranges/ts sums (see _bwd_dq_kernel), here in float64 after the kernel
         fix = ((delta - row_exact).double().unsqueeze(-1) * row_b.double()).sum((0, 2))
-        return dq, dk, dv, (partial.sum((0, 2)) + fix)[:, : 4 * p.order], dbias
+        return dq.to(p.q.dtype), dk, dv, (partial.sum((0, 2)) + fix)[:, : 4 * p.order], dbias
 
     block_m, block_n, warps, stages = _tiles(p, "dq")
     n_qb = triton.cdiv(p.q_len, block_m)
@@ -1204,7 +1241,7 @@ def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | 
                 signature[name] = "fp32"
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=target, options=options)
         report[kernel.__name__] = {
-            "tiles": (bound["BLOCK_M"], bound["BLOCK_N"]),
+            "tiles": (bound["BLOCK_M"], bound.get("BLOCK_N", bound.get("BLOCK_DV"))),
             **options,
             "shared": compiled.metadata.shared,
             **_machine_code_report(compiled.asm["cubin"]),
@@ -1368,6 +1405,8 @@ def forward(p: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
 def backward(
     p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, need_bias_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Same contract as :func:`hf_multimax.kernels.blocked.backward`: ``(dq, dk, dv, sums (H, 4N) float64, dbias)``
-    in the compute dtype; raises when the kernel fails to compile or launch."""
+    """Same contract as :func:`hf_multimax.kernels.blocked.backward`: ``(dq, dk, dv, sums (H, 4N) float64, dbias)``,
+    the first three in the operands' dtype (``p.q.dtype``: no float32 copies for bfloat16 operands), the bias gradient
+    in the compute dtype; ``dout`` may come in the operands' dtype; raises when the kernel fails to compile or
+    launch."""
     return _launch_backward(p, out, stats, dout, need_bias_grad)

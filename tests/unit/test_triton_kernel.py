@@ -274,11 +274,11 @@ def test_backward_modes_and_their_settings(monkeypatch):
     )  # fmt: skip
     assert triton_kernel.backward_mode() == "deterministic"
     names, want = launched_kernels(p, True)
-    assert names == ["_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"]
+    assert names == ["_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"]
     monkeypatch.setenv(triton_kernel.BACKWARD_ENV, "atomic")
     assert triton_kernel.backward_mode() == "atomic"
     names, got = launched_kernels(p, True)
-    assert names == ["_fwd_kernel", "_bwd_dkdv_kernel"]
+    assert names == ["_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel"]
     for name, a, b in zip(["dq", "dk", "dv", "sums", "dbias"], got, want):
         assert_close(a, b, 2e-6, name)
     monkeypatch.setattr(triton_kernel, "BACKWARD", "deterministic")
@@ -643,8 +643,9 @@ if sys.argv[1] == "1":  # 1. compile for sm_90 (H100/H200) without a GPU, every 
     p = AttentionProblem.build(q, k, k, torch.zeros(4, 4), torch.zeros(4, 4), scale=0.25, mask=mask, causal=True,
                                bias=torch.randn(1, 4, 40, 50, generator=g), dropout_p=0.1, native_dtype=True)
     report = compiled.compile_offline(p, arch=90)
-    assert len(report) == 3 and all(0 < r["shared"] <= 227 * 1024 for r in report.values()), report
-    assert all(0 < r["registers"] <= 255 and r["stack"] >= 0 and r["mma"] > 0 for r in report.values()), report
+    assert len(report) == 4 and all(0 <= r["shared"] <= 227 * 1024 for r in report.values()), report
+    assert all(0 < r["registers"] <= 255 and r["stack"] >= 0 for r in report.values()), report
+    assert all(r["mma"] > 0 for name, r in report.items() if name != "_bwd_delta_kernel"), report
     print("compiled", report)
 
 # 2. the interpreter, triton.language's own @jit helpers being compiled-mode functions
@@ -816,7 +817,7 @@ def test_compile_error_falls_back_with_a_warning_naming_it(kind, fallbacks, monk
         check_against_references(q, k, v, module, mask, bias, causal)
     messages = _fallback_warnings(record)
     assert messages and all(kind in m and "(2, 2, 13, 8)" in m and "blocked PyTorch" in m for m in messages), messages
-    assert attempted == ["_fwd_kernel", "_bwd_dkdv_kernel"]  # once each; then remembered
+    assert attempted == ["_fwd_kernel", "_bwd_delta_kernel"]  # once each; then remembered
     assert [c.backend for c in fallbacks] == ["torch"] * 4 and all(kind in c.fallback for c in fallbacks)
     fallbacks.clear()
 
@@ -851,7 +852,7 @@ def test_other_launch_failures_propagate(error, on, fallbacks, monkeypatch, recw
     inputs = [q, k, v, *params(module), bias]
     with pytest.raises(type(error), match=re.escape(str(error))):
         grads(run("triton", q, k, v, module, mask, bias, causal), inputs)
-    assert attempted == (["_fwd_kernel"] if on == "any" else ["_fwd_kernel", "_bwd_dkdv_kernel"])
+    assert attempted == (["_fwd_kernel"] if on == "any" else ["_fwd_kernel", "_bwd_delta_kernel"])
     assert not _fallback_warnings(recwarn) and not triton_kernel._FAILED
     assert [(c.op, c.backend) for c in fallbacks] == ([] if on == "any" else [("forward", "triton")])
 
