@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.run(args)
+    except BrokenPipeError:  # `hf-multimax info | head`: the reader left; say nothing more (Python's own advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 1
     except USER_ERRORS as error:  # the library's errors for a user's mistake say what is wrong and how to fix it
         if args.verbose:
             import traceback

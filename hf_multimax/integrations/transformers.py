@@ -253,6 +253,24 @@ def check_loaded_parameters(model, loading_info) -> None:
             "which differ from the checkpoint's; load it without overriding these flags"
         )
     dropped = sorted(key for key in loading_info.unexpected_keys if registry.parameter_key(key))
+    # σ of an output head (multimax_output) that this model class does not have (a base model loaded from a
+    # ...ForCausalLM checkpoint): dropped with the head's own weights, as Transformers reports; not an attention matter.
+    modules = set(dict(model.named_modules()))
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def has_owner(key: str) -> bool:
+        owner = registry.parameter_key(key)[0]
+        return owner in modules or owner.removeprefix(prefix) in modules or prefix + owner in modules
+
+    headless = [key for key in dropped if not has_owner(key)]
+    if headless:
+        logger.info(
+            "The checkpoint's output-layer MultiMax parameters (e.g. `%s`) belong to a head %s does not have; "
+            "they are dropped with it",
+            headless[0],
+            type(model).__name__,
+        )
+    dropped = [key for key in dropped if has_owner(key)]
     if dropped:
         trained_with = registry.implementation_of(registry.parameter_key(key)[1] for key in dropped)
         how = "`import hf_multimax`"

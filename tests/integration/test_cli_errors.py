@@ -234,3 +234,16 @@ def test_recipes_jsonl_with_a_missing_file_is_one_error_line(tmp_path):
         "examples/recipes/recipes.py", "jsonl", str(tmp_path / "train.de"), str(tmp_path / "train.en"), "de", "en"
     )
     assert code == 2 and "Traceback" not in err and "train.de" in err, err
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly():
+    """``hf-multimax info | head -0``: the reader leaves before the output is written; no error line, no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hf_multimax.cli", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # as `head -0` does, before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 1) and "error" not in err.lower() and "Traceback" not in err, err

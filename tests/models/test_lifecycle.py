@@ -186,6 +186,27 @@ def test_multimax_checkpoint_loads_as_multimax_and_another_implementation_warns_
     assert hf_multimax.multimax_modules(softmax) == {}
 
 
+def test_a_base_model_from_an_output_multimax_checkpoint_drops_the_head_quietly(tmp_path):
+    """A multimax_output ...ForCausalLM checkpoint loaded as its base model: the head's σ goes with the head (as
+    Transformers drops the head's weight), with no MultiMax warning about attention; the attention's σ loads. Loaded
+    with SoftMax attention, the attention's σ is still named as dropped, the head's is not."""
+    from transformers import AutoModel
+
+    model = LLAMA.build("multimax", multimax_output=True)
+    randomize_multimax(model)
+    model.save_pretrained(tmp_path / "mm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf_multimax.MultiMaxWarning)
+        base = AutoModel.from_pretrained(tmp_path / "mm")
+    assert base.config._attn_implementation == "multimax"
+    key = "layers.0.self_attn.multimax.multimax_ts"
+    assert torch.equal(base.state_dict()[key], model.state_dict()[f"model.{key}"])
+    with pytest.warns(hf_multimax.MultiMaxWarning) as record:
+        AutoModel.from_pretrained(tmp_path / "mm", attn_implementation="sdpa")
+    messages = [str(w.message) for w in record if issubclass(w.category, hf_multimax.MultiMaxWarning)]
+    assert len(messages) == 1 and "self_attn.multimax" in messages[0] and "lm_head" not in messages[0], messages
+
+
 def test_loading_a_softmax_checkpoint_is_quiet(tmp_path):
     path, _ = softmax_checkpoint(tmp_path)
     with warnings.catch_warnings():
