@@ -163,6 +163,7 @@ BACKWARD_MODES = ("deterministic", "atomic")
 PRECISION = {"split_pv": False, "split_ds": False}
 
 _LOCK = threading.Lock()
+_OFFLINE = threading.local()  # .gpu: compile_offline is choosing tiles for a GPU from CPU tensors
 _VERIFIED: dict[str, str | None] = {}  # device type -> None (self-test passed) or the reason it failed
 _FAILED: dict[tuple, str] = {}  # (op, variant) -> the compile error of those kernels
 
@@ -938,16 +939,16 @@ def _check(p: AttentionProblem) -> None:
 
 def _tiles(p: AttentionProblem, kind: str, gpu: bool | None = None) -> tuple[int, int, int, int]:
     """The tiles of kernel ``kind`` for ``p``: ``$HF_MULTIMAX_TRITON_TILES``, else :data:`TILES`, else
-    :data:`TILES_BY_HEAD_DIM`; halved (4 warps, one pipeline stage) when a tile row of the operands takes more than 512
-    bytes (float32 past head dimension 128, float64 past 64): float32 at head dimension 256 would need ~230-300 KB of
-    shared memory with 64-row tiles, more than an H100/H200 SM has (227 KB)."""
+    :data:`TILES_BY_HEAD_DIM`; halved (4 warps, one pipeline stage) on the GPU when a tile row of the operands takes
+    more than 512 bytes (float32 past head dimension 128, float64 past 64): float32 at head dimension 256 would need
+    ~230-300 KB of shared memory with 64-row tiles, more than an H100/H200 SM has (227 KB)."""
     width = max(_pad(p.head_dim), _pad(p.v_dim))
     tiles = _env_tiles(os.environ.get(TILES_ENV, "")) or {}
     if kind not in tiles:
         tiles = TILES or next(t for dim, t in sorted(TILES_BY_HEAD_DIM.items()) if dim >= width or dim == MAX_HEAD_DIM)
         kind = kind if kind in tiles else "dkdv"  # TILES without "atomic": the dK/dV kernel's tiles
     block_m, block_n, warps, stages = tiles[kind]
-    if width * p.q.element_size() > 512 and (p.q.device.type == "cuda" if gpu is None else gpu):
+    if (_for_gpu(p) if gpu is None else gpu) and width * p.q.element_size() > 512:
         return max(16, block_m // 2), max(16, block_n // 2), 4, 1
     return block_m, block_n, warps, stages
 
@@ -986,6 +987,18 @@ def backward_mode() -> str:
     return "deterministic" if torch.are_deterministic_algorithms_enabled() else mode
 
 
+def _for_gpu(p: AttentionProblem) -> bool:
+    """Whether ``p``'s kernels are for a GPU: CUDA tensors, or :func:`compile_offline` compiling for one."""
+    return p.q.device.type == "cuda" or getattr(_OFFLINE, "gpu", False)
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as float64 ``0 / -inf`` with the same broadcast (stride-0 dimensions stay stride 0)."""
+    compact = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    filled = torch.zeros(compact.shape, dtype=torch.float64, device=mask.device).masked_fill(~compact, float("-inf"))
+    return filled.expand(mask.shape)
+
+
 def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -994,6 +1007,10 @@ def _common(p: AttentionProblem) -> dict:
     """Arguments shared by the three kernels (pointers, strides, sizes, switches)."""
     dummy = p.q  # never read: the switches keep the kernels away from absent operands
     bias, mask = p.bias, p.mask
+    if mask is not None and mask.dtype == torch.bool and p.dtype == torch.float64 and _for_gpu(p):
+        # Triton 3.6 cannot compile a bool mask beside float64 products for sm_90 (an assertion in its MMA lowering,
+        # "fp64 don't support largeK MMA"); the same mask as 0 / -inf added after σ computes the same function.
+        mask = _additive(mask)
     acc = tl.float64 if p.dtype == torch.float64 else tl.float32
     dot = {torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(p.q.dtype, tl.float32)
     half = p.q.dtype in (torch.bfloat16, torch.float16)
@@ -1214,13 +1231,17 @@ def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | 
     if _INTERPRETED:
         raise RuntimeError("compile_offline needs the kernels imported without TRITON_INTERPRET=1")
     calls = []
-    _launch_backward(
-        p,
-        *_launch_forward(p, launch=lambda *a, **k: calls.append((a, k))),
-        torch.zeros(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device),
-        p.bias is not None if need_bias_grad is None else need_bias_grad,
-        launch=lambda *a, **k: calls.append((a, k)),
-    )
+    _OFFLINE.gpu = True  # the tiles a GPU would get
+    try:
+        _launch_backward(
+            p,
+            *_launch_forward(p, launch=lambda *a, **k: calls.append((a, k))),
+            torch.zeros(p.batch, p.q_len, p.heads, p.v_dim, dtype=p.dtype, device=p.q.device),
+            p.bias is not None if need_bias_grad is None else need_bias_grad,
+            launch=lambda *a, **k: calls.append((a, k)),
+        )
+    finally:
+        _OFFLINE.gpu = False
     target = GPUTarget("cuda", arch, 32)
     report = {}
     for (kernel, _grid, *args), kwargs in calls:

@@ -533,6 +533,32 @@ def test_gradcheck_float64():
 # dropout
 
 
+def test_float64_bool_masks_become_additive_for_the_gpu(monkeypatch):
+    """On the GPU a bool mask beside float64 products goes in as 0 / -inf added after σ (triton 3.6 cannot compile the
+    bool one for sm_90): the broadcast is kept, and the kernels compute the same function, gradients included
+    (here in the interpreter, the GPU's choice forced)."""
+    mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.4
+    wide = mask.expand(2, 3, 5, 7)
+    additive = triton_kernel._additive(wide)
+    assert additive.dtype == torch.float64 and additive.shape == wide.shape and additive.stride(1) == 0
+    assert torch.equal(additive == 0, wide) and torch.isneginf(additive[~wide]).all()
+    monkeypatch.setattr(triton_kernel, "_for_gpu", lambda p: True)
+    gen = torch.Generator().manual_seed(3)
+    f64 = dict(dtype=torch.float64)
+    q = torch.randn(1, 2, 3, 2, generator=gen, **f64).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(1, 1, 4, 2, generator=gen, **f64).to(DEVICE).requires_grad_() for _ in range(2))
+    ranges, ts = ((torch.randn(4, generator=gen, **f64) * 0.5).to(DEVICE).requires_grad_() for _ in range(2))
+    mask = (torch.rand(1, 1, 3, 4, generator=gen) > 0.3).to(DEVICE)
+    mask[0, :, 1] = False  # a fully masked row: zeros, not NaN
+
+    def fn(q, k, v, ranges, ts):
+        return multimax_attention(q, k, v, ranges, ts, attention_mask=mask, backend="triton")
+
+    out = fn(q, k, v, ranges, ts)
+    assert torch.isfinite(out).all() and (out[0, 1] == 0).all()
+    assert torch.autograd.gradcheck(fn, (q, k, v, ranges, ts))
+
+
 def test_dropout_is_bit_for_bit_the_blocked_mask():
     """The kernel hashes (seed, batch, head, query, key) as blocked.dropout_keep_scale does: same seed, same output
     as the blocked path and as the explicit formula with that mask, and the same gradients."""
