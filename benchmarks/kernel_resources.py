@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table  # noqa: E402
 
-CASES = ("causal", "full", "bias")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CASES = ("causal", "full", "bias", "bool_mask", "float_mask")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dimensions (default 64 128)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"], help="default bf16")
     parser.add_argument(
-        "--cases", nargs="+", choices=CASES, default=["causal", "full"], help="masks: causal, full, bias (T5 bias grad)"
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=["causal", "full"],
+        help="causal, full, bias (T5 bias and its gradient), bool_mask / float_mask (padding masks, with dropout)",
     )
     parser.add_argument(
         "--tiles", help="JSON {kernel: [BLOCK_M, BLOCK_N, warps, stages]} (as HF_MULTIMAX_TRITON_TILES)"
@@ -65,10 +69,15 @@ def problem(dtype: torch.dtype, head_dim: int, case: str, order: int):
     q = torch.randn(1, 4, 256, head_dim, generator=gen).to(dtype)
     k = torch.randn(1, 4, 256, head_dim, generator=gen).to(dtype)
     bias = torch.randn(1, 4, 256, 256, generator=gen) if case == "bias" else None
+    mask = None
+    if case in ("bool_mask", "float_mask"):
+        mask = (torch.arange(256) >= 17).expand(1, 1, 256, 256)
+        if case == "float_mask":
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     ranges = torch.zeros(4, 2 * order)
     return AttentionProblem.build(
-        q, k, k, ranges, ranges, scale=head_dim**-0.5, mask=None, causal=case == "causal", bias=bias,
-        dropout_p=0.0, native_dtype=True,
+        q, k, k, ranges, ranges, scale=head_dim**-0.5, mask=mask, causal=case == "causal", bias=bias,
+        dropout_p=0.1 if mask is not None else 0.0, native_dtype=True,
     )  # fmt: skip
 
 
