@@ -5,7 +5,7 @@ with ``TRITON_INTERPRET=1`` (set before :mod:`triton` is first imported) the sam
 which is how the tests check them without a GPU. Triton is optional: without it this module imports,
 :func:`triton_available` is False and ``backend="triton"`` raises.
 
-Algorithm (flash-attention 2, three kernels, same contract as :mod:`.blocked` and :mod:`.cpu`):
+Algorithm (flash-attention 2, same contract as :mod:`.blocked` and :mod:`.cpu`):
 
 * ``_fwd_kernel``, grid (query tiles, batch·heads): one program holds a ``BLOCK_M × D`` query tile and streams key/value
   tiles of ``BLOCK_N`` rows (causal: only up to the tile's last query, later tiles are skipped), computes
@@ -13,6 +13,7 @@ Algorithm (flash-attention 2, three kernels, same contract as :mod:`.blocked` an
   an online softmax (row max ``m``, running sum ``l``, output accumulator, all float32 or float64). It writes the
   output (B, Lq, H, Dv) and the statistics (2, B, H, Lq) = (m, log l); ``m = -inf`` marks a row with nothing to
   attend, whose output is 0.
+* ``_bwd_delta_kernel``: ``rowsum(dO ⊙ O)`` of each query row, accumulated in float32, for the two below.
 * ``_bwd_dkdv_kernel``, grid (key tiles, batch·kv_heads): one program holds a key/value tile and loops over the query
   heads of its GQA group (key/value heads are never copied) and over the query tiles that can see it (causal: from
   the diagonal on), recomputes the probabilities from the statistics, and accumulates ``dV = Pᵀ·dO`` and
@@ -43,27 +44,27 @@ sum over every score of a long sequence (millions of terms) keeps float64 accura
 
 Tiles (:data:`TILES_BY_HEAD_DIM`): 64 × 64 query × key rows in the forward and dK/dV kernels and 64 × 32 in the dQ
 kernel up to head dimension 64, 64 × 64 with 8 warps in all three above it, 32 × 64 with 8 warps for the one-kernel
-backward; chosen from the compiler's register and
-spill report for sm_90, not yet timed on a GPU (``$HF_MULTIMAX_TRITON_TILES`` or :data:`TILES` replace them). Halved
-with one stage on the GPU when a tile row of the operands exceeds 512 bytes, i.e. float32 past head dimension 128, so
-that the shared memory stays within an H100/H200 SM's 227 KB. The head dimension is padded to a power of two, at
-least 16, as ``tl.dot`` wants. Lengths need not be multiples of the tiles: rows and columns past the end are masked to
-``-inf`` (probability 0, gradient 0) and never stored, so no NaN can arise there. :func:`compile_offline` compiles the
-kernels for sm_90 without a GPU and reports their registers, spills, shared memory and tensor-core instructions.
+backward; chosen from the compiler's register and spill report for sm_90, not yet timed on a GPU
+(``$HF_MULTIMAX_TRITON_TILES`` or :data:`TILES` replace them). Halved with one stage on the GPU when a tile row of the
+operands exceeds 512 bytes, i.e. float32 past head dimension 128, so that the shared memory stays within an H100/H200
+SM's 227 KB. The head dimension is padded to a power of two, at least 16, as ``tl.dot`` wants. Lengths need not be
+multiples of the tiles: rows and columns past the end are masked to ``-inf`` (probability 0, gradient 0) and never
+stored, so no NaN can arise there. :func:`compile_offline` compiles the kernels for sm_90 without a GPU and reports
+their registers, spills, shared memory and tensor-core instructions.
 
 Precision: σ, σ', the softmax and every accumulator are float32 (float64 for float64 inputs, so ``gradcheck``
 works); float32 inputs multiply in IEEE float32 (not TF32). bfloat16/float16 inputs (kept in their dtype by
 ``AttentionProblem.build(native_dtype=True)``) are multiplied as they come, with float32 accumulation; ``P`` and
 ``dS`` are rounded to that dtype for the output's ``P·V``, ``dV = Pᵀ·dO``, ``dK`` and ``dQ``, as FlashAttention does.
 The ``ranges``/``ts`` gradients are sums over every score, where that rounding would not average out:
-``rowsum(dO ⊙ O)`` comes from the rounded ``P`` (and ``O`` stored in bfloat16), so a row's ``dZ`` no longer sums to
-zero against the float32 probabilities the backward recomputes, and the sums drifted by ~2e-2 of their scale in
-bfloat16. So the dQ kernel also accumulates each row's exact ``Σ P·dP`` and corrects its sums with it (two row
-vectors per slot; see ``_bwd_dq_kernel``): they are then as accurate as with float32 probabilities (~3e-3 in
-bfloat16), at no extra matrix product. :data:`PRECISION` ``["split_pv"]`` (off by default) splits the output's ``P``
-into its rounded value and the rounding error, two products, for an output nearer float32 (~1.5e-3 instead of ~2e-3
-in bfloat16; one more product in the forward); ``PRECISION["split_ds"]`` splits ``dS`` the same way for ``dQ``/``dK``
-(float32-level gradients, two more products).
+``rowsum(dO ⊙ O)`` comes from the rounded ``P``, so a row's ``dZ`` no longer sums to zero against the float32
+probabilities the backward recomputes, and the sums drifted by up to ~2e-2 of their scale in bfloat16. So the dQ
+kernel also accumulates each row's exact ``Σ P·dP`` and corrects its sums with it (two row vectors per slot; see
+``_bwd_dq_kernel``): they are then as accurate as with float32 probabilities (~3e-3 in bfloat16), at no extra matrix
+product. :data:`PRECISION` ``["split_pv"]`` (off by default) splits the output's ``P`` into its rounded value and the
+rounding error, two products, for an output nearer float32 (~1.5e-3 instead of ~2e-3 in bfloat16; one more product
+in the forward); ``PRECISION["split_ds"]`` splits ``dS`` the same way for ``dQ``/``dK`` (float32-level gradients, two
+more products).
 The interpreter's ``tl.dot`` cannot multiply bfloat16 (it sees the raw 16-bit patterns), so there the operands are
 widened to float32 first: products of bfloat16 values are exact in float32, so the result is the one a GPU's
 float32-accumulating products give.
@@ -709,9 +710,9 @@ if triton is not None:
                         mask=in_q[:, None] & (offs_d < D)[None, :],
                     )
                     if BIAS_GRAD:  # slices shared by several (batch, head) pairs add up: atomics here too
-                        where = ((b // GROUP_B) * DB_H + h // GROUP_H) * Lq * Lk + rows * Lk + offs_n[None, :]
+                        cell = ((b // GROUP_B) * DB_H + h // GROUP_H) * Lq * Lk + rows * Lk + offs_n[None, :]
                         inside = in_q[:, None] & (offs_n < Lk)[None, :]
-                        tl.atomic_add(DBias + where, ds, mask=inside)
+                        tl.atomic_add(DBias + cell, ds, mask=inside)
                 else:
                     ds, _, _ = _sigma_backward(s, dz, p, Rh, Th, unused, unused, offs_s, ORDER, False)
                 dk += _dot_split(tl.trans(ds), q, DOT, ACC, WIDEN, SPLIT_DS)
@@ -902,8 +903,8 @@ if triton is not None:
                 (dq * scale).to(DQ.dtype.element_ty),
                 mask=in_q[:, None] & (offs_d < D)[None, :],
             )
-            # dz used rowsum(dO ∘ O) (delta), whose O came from probabilities rounded for P·V and was stored in the
-            # output dtype; the ranges/ts sums take the row's exact Σ P·dP instead: Σ P·(dP − exact)·f =
+            # dz used rowsum(dO ∘ O) (delta), whose O came from probabilities rounded for P·V; the ranges/ts sums
+            # take the row's exact Σ P·dP instead: Σ P·(dP − exact)·f =
             # Σ dz·f + (delta − exact)·Σ P·f, so every row's dZ sums to zero as in float32 (dQ, dK and the bias
             # gradient keep delta, as FlashAttention does).
             per_row = rows_a + (delta - exact)[:, None] * rows_b
@@ -1217,7 +1218,7 @@ _SIGNATURE_TYPES = {
 
 
 def compile_offline(p: AttentionProblem, arch: int = 90, need_bias_grad: bool | None = None) -> dict[str, dict]:
-    """Compile (not run) the three kernels that ``p`` would launch for NVIDIA compute capability ``arch`` (90: H100/
+    """Compile (not run) the kernels that ``p`` would launch for NVIDIA compute capability ``arch`` (90: H100/
     H200), without a GPU: Triton's code generator, its NVIDIA backend and the bundled ``ptxas``. Returns, per kernel,
     ``{"tiles": (BLOCK_M, BLOCK_N), "num_warps", "num_stages", "shared": bytes of shared memory}`` and, read off the
     machine code with the ``cuobjdump`` Triton bundles (``None`` without it), ``"registers"`` per thread, ``"stack"``
