@@ -1346,6 +1346,8 @@ def unsupported(p: AttentionProblem, op: str = "forward") -> str | None:
     """Why the kernels cannot run ``p`` (triton missing, the device, the order, the head dimension, a failed
     first-use self-test, or an earlier compile error of the ``op`` kernels for this variant), or ``None`` when they
     can."""
+    backward_mode()  # the settings first: a bad value is the user's ValueError, not a failed self-test
+    _env_tiles(os.environ.get(TILES_ENV, ""))
     try:
         _check(p)
     except _Unsupported as error:

@@ -299,6 +299,20 @@ def test_backward_modes_and_their_settings(monkeypatch):
         torch.use_deterministic_algorithms(was)
 
 
+@pytest.mark.parametrize(
+    "variable,value", [("HF_MULTIMAX_TRITON_BACKWARD", "fast"), ("HF_MULTIMAX_TRITON_TILES", '{"dq": [3, 3, 3, 3]}')]
+)
+def test_a_bad_setting_is_the_callers_error_not_a_fallback(variable, value, fallbacks, monkeypatch):
+    """A wrong value in the kernel's environment settings reaches the caller as a ValueError naming the variable: it
+    neither fails the first-use self-test (which would send every later call to the blocked path) nor falls back."""
+    monkeypatch.setattr(triton_kernel, "_VERIFIED", {})
+    monkeypatch.setenv(variable, value)
+    q = torch.randn(1, 2, 5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=variable):
+        multimax_attention(q, q, q, torch.zeros(4, device=DEVICE), torch.zeros(4, device=DEVICE), backend="triton")
+    assert not fallbacks and not triton_kernel._VERIFIED
+
+
 @pytest.mark.parametrize("case,order,per_head", [(c, o, p) for c, plan in PLAN.items() for o, p in plan[:1]])
 def test_atomic_backward_matches_reference(case, order, per_head, atomic):
     q, k, v, mask, bias, causal = to_device(make_inputs(case, seed=3))
