@@ -165,10 +165,14 @@ def test_small_tiles(case, tiles, monkeypatch):
     check_against_references(q, k, v, module, mask, bias, causal)
 
 
+@pytest.mark.parametrize("backward,tiles", [("deterministic", "mixed"), ("atomic", "mixed_t")])
 @pytest.mark.parametrize("shape", [(1, 4, 13, 17), (2, 1, 13, 17), (13, 17), (2, 4, 13, 17)])
-def test_position_bias_broadcasts_and_its_gradient(shape, monkeypatch):
-    """Bias shared over batch and/or heads: the dQ kernel's groups own one slice of the bias gradient each."""
-    monkeypatch.setattr(triton_kernel, "TILES", SMALL_TILES["mixed"])
+def test_position_bias_broadcasts_and_its_gradient(shape, backward, tiles, monkeypatch):
+    """Bias shared over batch and/or heads: the dQ kernel's groups own one slice of the bias gradient each; the
+    one-kernel backward adds the pairs of a slice up with atomics. Small unequal tiles, GQA."""
+    monkeypatch.delenv(triton_kernel.BACKWARD_ENV, raising=False)
+    monkeypatch.setattr(triton_kernel, "BACKWARD", backward)
+    monkeypatch.setattr(triton_kernel, "TILES", SMALL_TILES[tiles])
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 4, 13, 8, generator=gen)
     k, v = (torch.randn(2, 2, 17, 8, generator=gen) for _ in range(2))
@@ -319,19 +323,6 @@ def test_atomic_backward_matches_reference(case, order, per_head, atomic):
     module = attention_module(order, q.shape[1] if per_head else None, n_rep=q.shape[1] // k.shape[1]).to(DEVICE)
     mask = mask.to(DEVICE) if mask is not None else None
     check_against_references(q, k, v, module, mask, bias, causal)
-
-
-@pytest.mark.parametrize("shape", [(1, 4, 13, 17), (2, 1, 13, 17), (13, 17)])
-def test_atomic_backward_small_tiles_and_shared_bias(shape, atomic, monkeypatch):
-    """Bias slices shared by several (batch, head) pairs, which the one-kernel backward adds up with atomics; small
-    unequal tiles, GQA."""
-    monkeypatch.setattr(triton_kernel, "TILES", SMALL_TILES["mixed_t"])
-    gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 4, 13, 8, generator=gen)
-    k, v = (torch.randn(2, 2, 17, 8, generator=gen) for _ in range(2))
-    bias = torch.randn(shape, generator=gen)
-    q, k, v, bias = to_device([t.requires_grad_() for t in (q, k, v, bias)])
-    check_against_references(q, k, v, attention_module(3, 4, n_rep=2).to(DEVICE), None, bias, False)
 
 
 def test_atomic_backward_gradcheck_float64(atomic):
