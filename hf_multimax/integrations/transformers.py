@@ -262,7 +262,8 @@ def check_loaded_parameters(model, loading_info) -> None:
         owner = registry.parameter_key(key)[0]
         return owner in modules or owner.removeprefix(prefix) in modules or prefix + owner in modules
 
-    headless = [key for key in dropped if not has_owner(key)]
+    owned = {key: has_owner(key) for key in dropped}
+    headless = [key for key in dropped if not owned[key]]
     if headless:
         logger.info(
             "The checkpoint's output-layer MultiMax parameters (e.g. `%s`) belong to a head %s does not have; "
@@ -270,7 +271,7 @@ def check_loaded_parameters(model, loading_info) -> None:
             headless[0],
             type(model).__name__,
         )
-    dropped = [key for key in dropped if has_owner(key)]
+    dropped = [key for key in dropped if owned[key]]
     if dropped:
         trained_with = registry.implementation_of(registry.parameter_key(key)[1] for key in dropped)
         how = "`import hf_multimax`"
